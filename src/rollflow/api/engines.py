@@ -1,0 +1,75 @@
+"""Engine contracts: what the runtime needs from an inference engine and a training engine.
+
+Log-prob convention used everywhere: ``logprobs[:, t]`` is ``log p(input_ids[:, t] | input_ids[:, :t])``;
+position 0 has no prediction and holds 0. Masks select the response tokens that count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import Protocol
+
+import torch
+
+from rollflow.api.sample import Generation, SamplingParams
+from rollflow.api.weights import VersionedWeights
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded prompt+response tokens of B samples, with per-token training columns."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) 0/1
+    response_mask: torch.Tensor  # (B, T) float, 1 on response tokens that enter the loss
+    old_logprobs: torch.Tensor  # (B, T) behaviour-policy log-probs (0 where unknown, e.g. SFT)
+    advantages: torch.Tensor  # (B, T)
+    versions: torch.Tensor  # (B, T) long, policy version that generated each token (-1 for prompt)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor) -> TrainBatch:
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def split(self, n: int, generator: torch.Generator | None = None) -> list[TrainBatch]:
+        """Shuffle rows and cut them into ``n`` minibatches of near-equal size."""
+        order = torch.randperm(len(self), generator=generator)
+        return [self.select(chunk) for chunk in order.tensor_split(n)]
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# (current log-probs (B, T), entropy (B, T), batch) -> loss. Written by algos/, called by the training engine.
+LossFn = Callable[[torch.Tensor, torch.Tensor, TrainBatch], LossOutput]
+
+
+class InferenceEngine(Protocol):
+    """Samples responses. Holds exactly one weight version at a time."""
+
+    @property
+    def version(self) -> int: ...
+
+    def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Generation]: ...
+
+    def load_weights(self, weights: VersionedWeights) -> None:
+        """Verify ``weights.checksum`` and swap them in; called only between generate calls."""
+        ...
+
+
+class TrainEngine(Protocol):
+    """Optimises a model with a loss it is given; knows nothing of the RL algorithm."""
+
+    @property
+    def version(self) -> int:
+        """Number of optimizer steps taken through ``train_step`` (one per RL step)."""
+        ...
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int, epochs: int) -> dict[str, float]: ...
+
+    def export_weights(self) -> VersionedWeights: ...

@@ -1,0 +1,52 @@
+"""Versioned weights and the transport that carries them from the trainer to rollout engines."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+def checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class WeightChecksumError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionedWeights:
+    version: int
+    tensors: dict[str, torch.Tensor]
+    checksum: str
+
+    @classmethod
+    def pack(cls, version: int, tensors: dict[str, torch.Tensor]) -> VersionedWeights:
+        tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
+        return cls(version, tensors, checksum(tensors))
+
+    def verify(self) -> None:
+        """Raise if the tensors are not the ones the checksum was computed on."""
+        got = checksum(self.tensors)
+        if got != self.checksum:
+            raise WeightChecksumError(
+                f"weights of version {self.version} arrived corrupted: checksum {got[:12]}… != published "
+                f"{self.checksum[:12]}…; the engine keeps its previous weights"
+            )
+
+
+class WeightTransport(Protocol):
+    """Carries each published version from the trainer to every rollout engine."""
+
+    def publish(self, weights: VersionedWeights) -> None: ...
+
+    def latest(self) -> VersionedWeights | None: ...

@@ -1,0 +1,64 @@
+"""``rollflow train [CONFIG.yaml] [key.sub=value ...]`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rollflow.config import ConfigError, load_config
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """The optional config file is the first argument without '='; the rest are overrides."""
+    path = args[0] if args and "=" not in args[0] else None
+    return path, args[1:] if path else args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rollflow", description="Reinforcement-learning post-training of language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="run a training job (the built-in default recipe if no config is given)")
+    p_train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.sub=value", help="optional YAML config, then dotted overrides")
+    p_cfg = sub.add_parser("config", help="print the fully resolved config without running anything")
+    p_cfg.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.sub=value")
+    p_list = sub.add_parser("list", help="list registered components")
+    p_list.add_argument("what", choices=["algos", "tasks"])
+    ns = parser.parse_args(argv)
+
+    if ns.command == "list":
+        return _list(ns.what)
+    path, overrides = _split(ns.args)
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as e:
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 2
+    if ns.command == "config":
+        from rollflow.config import dump_config
+
+        print(dump_config(config), end="")
+        return 0
+    from rollflow.recipes import train  # heavy imports (torch, transformers) only once the config is valid
+
+    train(config)
+    return 0
+
+
+def _list(what: str) -> int:
+    if what == "tasks":
+        from rollflow.tasks import BUILTIN
+
+        for name, cls in BUILTIN.items():
+            print(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        return 0
+    from rollflow.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+    for registry in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS):
+        print(f"{registry.kind}:")
+        for name, doc in registry.describe().items():
+            print(f"  {name:22s} {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

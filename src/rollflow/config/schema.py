@@ -1,0 +1,217 @@
+"""The run configuration: one small pydantic model per component, every field documented.
+
+Batch sizes have one meaning each, defined here and nowhere else:
+
+- ``rollout.prompts_per_step`` (P): distinct prompts sampled per RL step.
+- ``rollout.samples_per_prompt`` (n): responses per prompt, the GRPO group size.
+- ``Config.samples_per_step`` = P × n: samples the trainer consumes per step (derived, not settable).
+- ``train.minibatches_per_step``: optimizer updates each epoch cuts the step's samples into.
+- ``train.epochs_per_step``: passes over the step's samples, so one step makes minibatches × epochs updates.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from rollflow.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """Local Hugging Face checkpoint folder (model + tokenizer). Unset: the built-in tiny Qwen2 model."""
+    hidden_size: int = Field(128, ge=8)
+    """Built-in model: width of the residual stream."""
+    layers: int = Field(4, ge=1)
+    """Built-in model: number of transformer blocks."""
+    heads: int = Field(4, ge=1)
+    """Built-in model: attention heads (hidden_size must be divisible by it)."""
+    intermediate_size: int = Field(512, ge=8)
+    """Built-in model: width of the MLP."""
+    max_positions: int = Field(64, ge=8)
+    """Built-in model: longest prompt + response it can read."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.hidden_size % self.heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by model.heads={self.heads}")
+        return self
+
+
+class AdditionTaskConfig(Section):
+    name: Literal["addition"] = "addition"
+    """Multi-digit addition, operands zero-padded, answer written units digit first."""
+    min_digits: int = Field(1, ge=1, le=9)
+    """Fewest digits an operand has."""
+    max_digits: int = Field(3, ge=1, le=9)
+    """Most digits an operand has (also the padded width)."""
+    partial_credit: float = Field(0.5, ge=0.0, le=1.0)
+    """Reward scale for the fraction of right digits of a wrong answer (exact answers score 1)."""
+    eval_size: int = Field(500, ge=1)
+    """Held-out problems, disjoint from training."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdditionTaskConfig:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"task.min_digits={self.min_digits} is more than task.max_digits={self.max_digits}")
+        return self
+
+
+class SortingTaskConfig(Section):
+    name: Literal["sorting"] = "sorting"
+    """Sort a string of digits."""
+    min_len: int = Field(3, ge=1)
+    """Shortest input."""
+    max_len: int = Field(6, ge=1)
+    """Longest input."""
+    partial_credit: float = Field(0.5, ge=0.0, le=1.0)
+    """Reward scale for the fraction of right positions of a wrong answer."""
+    eval_size: int = Field(500, ge=1)
+    """Held-out problems, disjoint from training."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SortingTaskConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"task.min_len={self.min_len} is more than task.max_len={self.max_len}")
+        return self
+
+
+class FileTaskConfig(Section):
+    name: Literal["file"] = "file"
+    """Problems from your JSONL / Parquet file."""
+    path: str
+    """The data file, one problem per row."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text."""
+    answer_column: str = "answer"
+    """Column holding the answer (the SFT target and the reward fn's reference)."""
+    eval_path: str | None = None
+    """Optional held-out file; unset: a seeded eval_fraction of the rows is held out."""
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of rows held out when eval_path is unset."""
+    reward_fn: str | None = None
+    """'package.module:function' or 'path/file.py:function'; unset: exact match with the answer."""
+
+
+TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig, Field(discriminator="name")]
+
+
+class SFTConfig(Section):
+    steps: int = Field(600, ge=0)
+    """Supervised warm-start steps on reference solutions before RL (0 skips SFT)."""
+    batch_size: int = Field(64, ge=1)
+    """Reference solutions per SFT step."""
+    lr: float = Field(2e-3, gt=0.0)
+    """SFT learning rate."""
+
+
+class RolloutConfig(Section):
+    prompts_per_step: int = Field(32, ge=1)
+    """P: distinct prompts per RL step."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """n: responses per prompt (the group GRPO normalises over)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Sampling temperature (the trainer scores tokens at the same temperature)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest response; a response cut here has finish_reason 'length'."""
+
+
+class TrainConfig(Section):
+    steps: int = Field(150, ge=0)
+    """RL steps (one optimizer-version each)."""
+    lr: float = Field(3e-4, gt=0.0)
+    """RL learning rate (AdamW)."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Clip the global gradient norm to this."""
+    minibatches_per_step: int = Field(2, ge=1)
+    """Optimizer updates per epoch; the step's samples are shuffled and cut into this many."""
+    epochs_per_step: int = Field(1, ge=1)
+    """Passes over the step's samples."""
+
+
+class AlgoConfig(Section):
+    advantage: str = "grpo"
+    """Advantage estimator (see `rollflow list algos`)."""
+    scale_by_std: bool = True
+    """GRPO: divide by the group's reward std (False: Dr. GRPO)."""
+    loss: str = "ppo_clip"
+    """Policy loss."""
+    aggregation: str = "token-mean"
+    """How per-token losses become one scalar."""
+    clip_low: float = Field(0.2, gt=0.0, lt=1.0)
+    """PPO ratio clip below 1."""
+    clip_high: float = Field(0.2, gt=0.0)
+    """PPO ratio clip above 1."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Entropy bonus weight."""
+
+    @model_validator(mode="after")
+    def _registered(self) -> AlgoConfig:
+        for registry, field in ((ADVANTAGES, "advantage"), (POLICY_LOSSES, "loss"), (AGGREGATIONS, "aggregation")):
+            try:
+                registry.get(getattr(self, field))
+            except KeyError as e:
+                raise ValueError(f"algo.{field}: {e.args[0]}") from None
+        return self
+
+
+class EvalConfig(Section):
+    every: int = Field(25, ge=0)
+    """Greedy held-out accuracy every this many RL steps (0: only at start, after SFT and at the end)."""
+    max_new_tokens: int = Field(8, ge=1)
+    """Longest greedy answer."""
+
+
+class RuntimeConfig(Section):
+    backend: Literal["inline"] = "inline"
+    """Where workers run: 'inline' = all in this process."""
+    staleness: int = Field(0, ge=0)
+    """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous)."""
+    torch_threads: int = Field(2, ge=1)
+    """torch.set_num_threads for this process; never more than the cores it is given."""
+    rollout_workers: int = Field(1, ge=1)
+    """Rollout workers; prompts are split across them."""
+    reward_workers: int = Field(1, ge=1)
+    """Reward workers; samples are split across them."""
+    max_generate_batch: int = Field(512, ge=1)
+    """Most sequences one engine forward pass holds."""
+
+
+class Config(Section):
+    seed: int = 0
+    """Seeds the model init, the problem stream and sampling."""
+    run_dir: str = "runs/default"
+    """Where the run writes its config, metrics, rollouts, plots and model."""
+    progress: bool = True
+    """Show a live progress bar."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=AdditionTaskConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @property
+    def samples_per_step(self) -> int:
+        """P × n: samples the trainer consumes per RL step."""
+        return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.train.minibatches_per_step > self.samples_per_step:
+            raise ValueError(
+                f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds samples per step "
+                f"({self.samples_per_step} = rollout.prompts_per_step × rollout.samples_per_prompt)"
+            )
+        return self

@@ -1,0 +1,76 @@
+"""Models and tokenizers: the built-in tiny causal LM, and loading any local Hugging Face checkpoint.
+
+The built-in model is a real Hugging Face architecture (Qwen2) with a small config; its tokenizer is a
+character-level ``tokenizers`` model made offline from the task's alphabet, so nothing is downloaded and both
+round-trip through ``save_pretrained`` / ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+
+
+def char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
+    """One token per character of ``alphabet`` plus pad/bos/eos. The tokenizer does not add BOS itself;
+    callers prepend it so prompts and training sequences start the same way."""
+    chars = sorted(set(alphabet))
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *chars])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # every character is a word
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS)
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 512
+    max_positions: int = 64
+
+
+def tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> PreTrainedModel:
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
+
+
+def load_pretrained(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a local Hugging Face directory (never from a hub)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
+            "give a folder written by save_pretrained, or leave model.path unset for the built-in tiny model"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

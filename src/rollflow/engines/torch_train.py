@@ -1,0 +1,72 @@
+"""A single-process PyTorch training engine: AdamW, gradient clipping, minibatches and epochs per step.
+
+It is given the loss function; it knows nothing of RL. FSDP or DeepSpeed engines would implement the same
+``TrainEngine`` contract.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from rollflow.api import LossFn, TrainBatch, VersionedWeights
+
+
+def token_logprobs(model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of ``batch.input_ids`` under ``model``; column 0 is 0 (see api.engines)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    logp = (logits / temperature).log_softmax(-1)  # (B, T-1, V)
+    taken = logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, T-1)
+    zero = taken.new_zeros(taken.shape[0], 1)
+    return torch.cat([zero, taken], 1), torch.cat([zero, entropy], 1)
+
+
+class TorchTrainEngine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        self.grad_clip = grad_clip
+        self.temperature = temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int = 1, epochs: int = 1) -> dict[str, float]:
+        """``epochs`` passes over ``batch``, each cut into ``minibatches`` optimizer updates; then version += 1."""
+        if minibatches > len(batch):
+            raise ValueError(f"cannot cut {len(batch)} samples into {minibatches} minibatches; lower minibatches_per_step")
+        totals: dict[str, float] = {}
+        updates = 0
+        for _ in range(epochs):
+            for mb in batch.split(minibatches, self.generator):
+                logp, entropy = token_logprobs(self.model, mb, self.temperature)
+                out = loss_fn(logp, entropy, mb)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.optimizer.step()
+                for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                updates += 1
+        self._version += 1
+        return {k: v / updates for k, v in totals.items()}
+
+    def export_weights(self) -> VersionedWeights:
+        return VersionedWeights.pack(self._version, self.model.state_dict())

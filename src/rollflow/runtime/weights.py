@@ -1,0 +1,25 @@
+"""Weight publishing: the trainer publishes each version once; rollout workers pull the newest at a safe point."""
+
+from __future__ import annotations
+
+import threading
+
+from rollflow.api import VersionedWeights
+
+
+class InlineWeightTransport:
+    """In-process transport: keeps the latest published version. Engines verify the checksum on load."""
+
+    def __init__(self) -> None:
+        self._latest: VersionedWeights | None = None
+        self._lock = threading.Lock()
+
+    def publish(self, weights: VersionedWeights) -> None:
+        with self._lock:
+            if self._latest is not None and weights.version <= self._latest.version:
+                raise ValueError(f"version {weights.version} published after version {self._latest.version}; versions must increase")
+            self._latest = weights
+
+    def latest(self) -> VersionedWeights | None:
+        with self._lock:
+            return self._latest

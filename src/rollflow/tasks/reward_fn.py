@@ -1,0 +1,116 @@
+"""User reward functions: load one from a spec string, call it, and turn every misbehaviour into an error.
+
+A spec is ``"package.module:function"`` (imported from ``sys.path``) or ``"path/to/file.py:function"`` (executed
+as a fresh module each time it is loaded; its directory is *not* added to ``sys.path``, so it cannot import its
+neighbours unless they are importable anyway). Processes that need the function should each load it from the
+spec rather than receive the function object: a function from a file spec cannot be pickled by reference.
+
+Nothing here turns an exception into a reward of 0.0: a reward function that raises or returns something that is
+not a finite number or a ``RewardResult`` stops the run with an error naming the function and the sample.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import math
+import numbers
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from rollflow.api import Problem, RewardFn, RewardResult
+
+SPEC_FORMS = "'package.module:function' or 'path/to/file.py:function'"
+
+
+class RewardFnError(ValueError):
+    """A reward function could not be loaded, or raised or returned something unusable when called."""
+
+
+def exact_match(problem: Problem, response: str) -> RewardResult:
+    """1 if the response equals the answer after stripping surrounding whitespace from both, else 0."""
+    exact = float(response.strip() == problem.answer.strip())
+    return RewardResult(exact, {"exact": exact})
+
+
+def _module_from_file(spec: str, path: Path) -> ModuleType:
+    if not path.is_file():
+        raise RewardFnError(f"reward fn {spec!r}: file {str(path)!r} does not exist; fix the path in the spec")
+    # A private, path-derived name: the file's bare stem could shadow a real module such as `reward` or `math`.
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+    name = f"_rollflow_reward_{path.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise RewardFnError(f"reward fn {spec!r}: cannot load {str(path)!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    # Registered before executing so that dataclasses and pickling inside the file can find their module.
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise RewardFnError(
+            f"reward fn {spec!r}: executing {str(path)!r} raised {type(e).__name__}: {e}; fix the file"
+        ) from e
+    return module
+
+
+def _import(spec: str, target: str) -> ModuleType:
+    if target.endswith(".py"):
+        return _module_from_file(spec, Path(target))
+    try:
+        return importlib.import_module(target)
+    except Exception as e:  # a module can raise anything at import time, not only ImportError
+        raise RewardFnError(
+            f"reward fn {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e}); make it importable "
+            f"(install it or add its directory to PYTHONPATH) or give a file path, {SPEC_FORMS}"
+        ) from e
+
+
+def load_reward_fn(spec: str) -> RewardFn:
+    """Import the function named by ``spec``; see the module docstring for the two forms."""
+    target, _, attr = spec.rpartition(":")  # rpartition: a Windows drive letter holds a colon too
+    if not target or not attr:
+        raise RewardFnError(f"reward fn spec {spec!r} is malformed; expected {SPEC_FORMS}")
+    module = _import(spec, target)
+    if not hasattr(module, attr):
+        callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        close = difflib.get_close_matches(attr, callables, n=3)
+        hint = f"did you mean {', '.join(map(repr, close))}?" if close else f"its callables are {callables}"
+        raise RewardFnError(f"reward fn {spec!r}: module {target!r} has no attribute {attr!r}; {hint}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise RewardFnError(
+            f"reward fn {spec!r}: {attr!r} is a {type(fn).__name__}, not callable; "
+            "point the spec at a function taking (problem, response)"
+        )
+    return fn
+
+
+def call_reward_fn(fn: RewardFn, name: str, problem: Problem, response: str, index: int) -> RewardResult:
+    """Score one response. A real number ``x`` becomes ``RewardResult(float(x), {"reward": float(x)})``.
+
+    ``name`` (the spec) and ``index`` (the sample's position, for the user to find it) only feed error messages.
+    """
+    try:
+        out = fn(problem, response)
+    except Exception as e:
+        raise RewardFnError(f"reward fn {name!r} raised {type(e).__name__} on sample {index}: {e}") from e
+    if isinstance(out, RewardResult):
+        reward = out.reward
+    elif isinstance(out, numbers.Real):  # bool, int, float and numpy scalars
+        reward = float(out)
+        out = RewardResult(reward, {"reward": reward})
+    else:
+        raise RewardFnError(
+            f"reward fn {name!r} returned {type(out).__name__} on sample {index}; "
+            "expected a float, int, bool or RewardResult"
+        )
+    if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise RewardFnError(
+            f"reward fn {name!r} returned a reward of {reward!r} on sample {index}; rewards must be finite numbers"
+        )
+    return out
