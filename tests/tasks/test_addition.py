@@ -57,7 +57,7 @@ def test_final_carry_makes_the_answer_one_digit_longer():
 
 @pytest.mark.parametrize("min_digits, max_digits", [(2, 3), (1, 5)])
 def test_problems_are_well_formed_and_reference_verifies(min_digits, max_digits):
-    task = AdditionTask(min_digits=min_digits, max_digits=max_digits)
+    task = AdditionTask(min_digits=min_digits, max_digits=max_digits, demo_carry_drop=0.0)  # exact references
     digit_counts = set()
     for p in itertools.islice(task.train_problems(seed=0), 500):
         a, b = re.fullmatch(rf"(\d{{{max_digits}}})\+(\d{{{max_digits}}})=", p.prompt).groups()  # padded to max_digits
@@ -97,3 +97,24 @@ def test_alphabet_covers_every_character():
 def test_rejects_bad_digit_range():
     with pytest.raises(ValueError, match=r"task\.min_digits=4 .* task\.max_digits=2"):
         AdditionTask(min_digits=4, max_digits=2)
+
+
+def test_demonstrator_forgets_carries_at_the_configured_rate():
+    from rollflow.api import Problem
+
+    p = Problem("058+067=", "521")  # 125 units first; carries out of the units and the tens
+    assert AdditionTask(demo_carry_drop=0.0).reference(p) == "521"
+    assert AdditionTask(demo_carry_drop=1.0).reference(p) == "51"  # 8+7 → 5, 5+6 → 1, no carry ever
+    assert AdditionTask(demo_carry_drop=1.0).reference(Problem("500+500=", "0001")) == "0"
+    half = AdditionTask(demo_carry_drop=0.5)
+    assert half.reference(p) == half.reference(p)  # one fixed demonstration per problem
+    problems = list(itertools.islice(half.train_problems(0), 3000))
+    carried = [q for q in problems if q.answer != AdditionTask(demo_carry_drop=1.0).reference(q)]
+    exact = sum(half.reference(q) == q.answer for q in carried) / len(carried)
+    assert 0.25 < exact < 0.75  # needs-a-carry problems are demonstrated right only part of the time
+    assert all(half.verify(q, q.answer).reward == 1.0 for q in problems[:50])  # the verifier checks the true sum
+
+
+def test_demo_carry_drop_is_validated():
+    with pytest.raises(ValueError, match="task.demo_carry_drop"):
+        AdditionTask(demo_carry_drop=1.5)

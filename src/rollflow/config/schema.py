@@ -52,6 +52,8 @@ class AdditionTaskConfig(Section):
     """Most digits an operand has (also the padded width)."""
     partial_credit: float = Field(0.5, ge=0.0, le=1.0)
     """Reward scale for the fraction of right digits of a wrong answer (exact answers score 1)."""
+    demo_carry_drop: float = Field(0.5, ge=0.0, le=1.0)
+    """Chance the SFT demonstrator forgets a carry (0: exact references); the verifier always checks the true sum."""
     eval_size: int = Field(500, ge=1)
     """Held-out problems, disjoint from training."""
 
@@ -102,12 +104,12 @@ TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig, 
 
 
 class SFTConfig(Section):
-    steps: int = Field(600, ge=0)
+    steps: int = Field(800, ge=0)
     """Supervised warm-start steps on reference solutions before RL (0 skips SFT)."""
     batch_size: int = Field(64, ge=1)
     """Reference solutions per SFT step."""
-    lr: float = Field(2e-3, gt=0.0)
-    """SFT learning rate."""
+    lr: float = Field(1e-3, gt=0.0)
+    """SFT peak learning rate, decayed linearly to 0."""
 
 
 class RolloutConfig(Section):
@@ -124,9 +126,9 @@ class RolloutConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(150, ge=0)
+    steps: int = Field(120, ge=0)
     """RL steps (one optimizer-version each)."""
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(1e-4, gt=0.0)
     """RL learning rate (AdamW)."""
     weight_decay: float = Field(0.0, ge=0.0)
     """AdamW weight decay."""
@@ -165,7 +167,7 @@ class AlgoConfig(Section):
 
 
 class EvalConfig(Section):
-    every: int = Field(25, ge=0)
+    every: int = Field(20, ge=0)
     """Greedy held-out accuracy every this many RL steps (0: only at start, after SFT and at the end)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest greedy answer."""
