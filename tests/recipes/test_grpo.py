@@ -102,3 +102,10 @@ def test_cli_trains_a_file_task_with_module_reward(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps"] == 3
     assert "accuracy_final" in capsys.readouterr().out  # the closing summary table
+
+
+def test_sorting_task_runs_end_to_end(tmp_path):
+    result = rollflow.train(rollflow.load_config(overrides=[*TINY, "task.name=sorting", "task.eval_size=10", f"run_dir={tmp_path}"]))
+    rows = lines(tmp_path / "rollouts.jsonl")
+    assert len(rows) == 3 * 8 and all(r["prompt"].startswith("sort:") for r in rows)
+    assert 0.0 <= result.summary["accuracy_final"] <= 1.0
