@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(config), end="")
         return 0
     from rollflow.recipes import train  # heavy imports (torch, transformers) only once the config is valid
+    from rollflow.tasks import RewardFnError, TaskDataError
 
-    train(config)
+    try:
+        train(config)
+    except (TaskDataError, RewardFnError, FileNotFoundError) as e:  # the user's input, already named in the message
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -109,3 +109,13 @@ def test_sorting_task_runs_end_to_end(tmp_path):
     rows = lines(tmp_path / "rollouts.jsonl")
     assert len(rows) == 3 * 8 and all(r["prompt"].startswith("sort:") for r in rows)
     assert 0.0 <= result.summary["accuracy_final"] <= 1.0
+
+
+def test_cli_reports_bad_user_input_without_a_traceback(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"question": "1>", "answer": "1"}) + "\n")
+    assert main(["train", "task.name=file", f"task.path={data}", f"run_dir={tmp_path / 'out'}", "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "prompt" in err and "Traceback" not in err
+    assert main(["train", f"model.path={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'out'}", "progress=false"]) == 2
+    assert "model.path" in capsys.readouterr().err
