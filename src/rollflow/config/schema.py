@@ -106,8 +106,8 @@ TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig, 
 class SFTConfig(Section):
     steps: int = Field(800, ge=0)
     """Supervised warm-start steps on reference solutions before RL (0 skips SFT)."""
-    batch_size: int = Field(64, ge=1)
-    """Reference solutions per SFT step."""
+    batch_size: int = Field(128, ge=1)
+    """Reference solutions per SFT step (128 crosses the learning transition reliably across seeds; 64 did not)."""
     lr: float = Field(1e-3, gt=0.0)
     """SFT peak learning rate, decayed linearly to 0."""
 
