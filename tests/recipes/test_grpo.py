@@ -105,7 +105,7 @@ def test_cli_trains_a_file_task_with_module_reward(tmp_path, capsys):
 
 
 def test_sorting_task_runs_end_to_end(tmp_path):
-    result = rollflow.train(rollflow.load_config(overrides=[*TINY, "task.name=sorting", "task.eval_size=10", f"run_dir={tmp_path}"]))
+    result = rollflow.train(rollflow.load_config(overrides=[*TINY, "task.name=sorting", f"run_dir={tmp_path}"]))
     rows = lines(tmp_path / "rollouts.jsonl")
     assert len(rows) == 3 * 8 and all(r["prompt"].startswith("sort:") for r in rows)
     assert 0.0 <= result.summary["accuracy_final"] <= 1.0
