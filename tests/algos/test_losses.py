@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+from rollflow.algos import CORRECTIONS, needs_proximal
 from rollflow.algos import AGGREGATIONS, POLICY_LOSSES, Registry, policy_loss_fn, sft_loss
 from rollflow.algos.losses import ppo_clip, seq_mean_token_mean, seq_mean_token_sum, token_mean
 from rollflow.api import LossOutput, TrainBatch
@@ -81,6 +82,7 @@ def make_batch(old_logprobs, advantages, response_mask):
         attention_mask=torch.ones((B, T), dtype=torch.long),
         response_mask=torch.tensor([response_mask]),
         old_logprobs=old,
+        behav_logprobs=old.clone(),
         advantages=torch.tensor([advantages]),
         versions=torch.zeros((B, T), dtype=torch.long),
     )
@@ -168,3 +170,19 @@ def test_registry_rejects_duplicates_and_keeps_undocumented_functions():
         reg.register("a")(lambda: None)
     assert reg.get("a") is a
     assert reg.describe() == {"a": "First line.", "b": ""}
+
+
+def test_truncated_is_weights_tokens_by_capped_ratio_to_the_behaviour_policy():
+    # π_old/π_behav per token: 0.5, 1.5, 4 → weights 0.5, 1.5, 2 (cap 2); the loss scales by them.
+    batch = make_batch([0.0, -1.0, -1.0, -1.0], [0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
+    batch.behav_logprobs = batch.old_logprobs - torch.log(torch.tensor([[1.0, 0.5, 1.5, 4.0]]))
+    weights = CORRECTIONS.get("tis")(batch.old_logprobs, batch.behav_logprobs, cap=2.0)
+    assert torch.allclose(weights, torch.tensor([[1.0, 0.5, 1.5, 2.0]]))
+    logprobs = batch.old_logprobs.clone().requires_grad_()
+    plain = policy_loss_fn("ppo_clip", "token-mean")(logprobs, torch.zeros_like(logprobs), batch)
+    tis = policy_loss_fn("ppo_clip", "token-mean", correction="tis", correction_params={"cap": 2.0})(logprobs, torch.zeros_like(logprobs), batch)
+    assert plain.loss.item() == pytest.approx(-1.0)  # on-policy ratio 1, advantage 1 on 3 tokens
+    assert tis.loss.item() == pytest.approx(-(0.5 + 1.5 + 2.0) / 3)
+    assert tis.metrics["is_weight"] == pytest.approx(4.0 / 3)
+    assert not needs_proximal("none") and needs_proximal("tis")
+    assert torch.equal(CORRECTIONS.get("none")(batch.old_logprobs, batch.behav_logprobs), torch.ones_like(batch.old_logprobs))

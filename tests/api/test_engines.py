@@ -6,7 +6,7 @@ from rollflow.api import TrainBatch
 
 def numbered_batch(rows: int, T: int = 3) -> TrainBatch:
     ids = torch.arange(rows)[:, None].expand(rows, T).clone()  # row i holds i everywhere
-    return TrainBatch(ids, torch.ones_like(ids), ids.float(), -ids.float(), 2 * ids.float(), ids.clone())
+    return TrainBatch(ids, torch.ones_like(ids), ids.float(), -ids.float(), -ids.float(), 2 * ids.float(), ids.clone())
 
 
 def test_select_keeps_every_column_aligned():

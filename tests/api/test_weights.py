@@ -73,12 +73,13 @@ def test_engine_rejects_incompatible_weights_and_keeps_its_own(tokenizer, make_m
 
 def test_inline_transport_requires_increasing_versions():
     transport = InlineWeightTransport()
-    assert transport.latest() is None
+    assert transport.latest(newer_than=-1) is None
     first = VersionedWeights.pack(1, tensors())
     transport.publish(first)
     for version in (1, 0):
         with pytest.raises(ValueError, match=rf"version {version} published after version 1; versions must increase"):
             transport.publish(VersionedWeights.pack(version, tensors()))
-    assert transport.latest() is first
+    assert transport.latest(newer_than=0) is first
+    assert transport.latest(newer_than=1) is None  # nothing newer: nothing is handed over
     transport.publish(second := VersionedWeights.pack(2, tensors()))
-    assert transport.latest() is second
+    assert transport.latest(newer_than=1) is second

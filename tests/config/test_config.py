@@ -18,7 +18,7 @@ def test_defaults_load_without_a_file():
     config = load_config()
     assert config == Config()
     assert isinstance(config.task, AdditionTaskConfig)
-    assert config.runtime.staleness == 0 and config.samples_per_step == 32 * 8
+    assert config.runtime.staleness == 1 and config.runtime.backend == "ray" and config.samples_per_step == 32 * 8
 
 
 def test_yaml_file_then_overrides_override_wins(tmp_path):

@@ -12,7 +12,8 @@ from rollflow.cli import main
 TINY = [
     "model.hidden_size=16", "model.layers=1", "model.heads=2", "model.intermediate_size=32",
     "sft.steps=3", "sft.batch_size=8", "train.steps=3", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
-    "eval.every=2", "task.eval_size=10", "progress=false", "runtime.torch_threads=1",
+    "eval.every=2", "task.eval_size=10", "progress=false", "runtime.torch_threads=1", "sft.torch_threads=1",
+    "runtime.backend=inline", "runtime.staleness=0",
 ]
 
 

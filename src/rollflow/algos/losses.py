@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollflow.algos.registry import AGGREGATIONS, POLICY_LOSSES
+from rollflow.algos.registry import AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
 from rollflow.api import LossFn, LossOutput, TrainBatch
 
 
@@ -54,16 +54,28 @@ def seq_mean_token_sum(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return (per_token * mask).sum(-1)[has_tokens].mean() if has_tokens.any() else per_token.sum() * 0
 
 
-def policy_loss_fn(loss: str, aggregation: str, entropy_coef: float = 0.0, **loss_params: float) -> LossFn:
-    """Build the ``LossFn`` the training engine calls, from registered parts chosen by name."""
+def policy_loss_fn(
+    loss: str,
+    aggregation: str,
+    entropy_coef: float = 0.0,
+    correction: str = "none",
+    correction_params: dict[str, float] | None = None,
+    **loss_params: float,
+) -> LossFn:
+    """Build the ``LossFn`` the training engine calls, from registered parts chosen by name. The off-policy
+    ``correction`` weighs each token's loss (see ``algos.corrections``); ``none`` leaves the loss untouched."""
     token_loss, aggregate = POLICY_LOSSES.get(loss), AGGREGATIONS.get(aggregation)
+    correct = CORRECTIONS.get(correction)
+    correction_params = correction_params or {}
 
     def fn(logprobs: torch.Tensor, entropy: torch.Tensor, batch: TrainBatch) -> LossOutput:
         mask = batch.response_mask
         out = token_loss(logprobs, batch.old_logprobs, batch.advantages, **loss_params)
-        total = aggregate(out.per_token, mask) - entropy_coef * aggregate(entropy, mask)
+        weight = correct(batch.old_logprobs, batch.behav_logprobs, **correction_params)  # (B, T), detached
+        total = aggregate(out.per_token * weight, mask) - entropy_coef * aggregate(entropy, mask)
         log_ratio = (logprobs - batch.old_logprobs).detach()
         metrics = {
+            "is_weight": _masked_mean(weight, mask).item(),
             "entropy": _masked_mean(entropy.detach(), mask).item(),
             # k3 estimator of KL(π_old || π): unbiased, always >= 0
             "kl_old": _masked_mean(log_ratio.exp() - 1 - log_ratio, mask).item(),

@@ -45,3 +45,4 @@ class Registry(Generic[F]):
 ADVANTAGES: Registry = Registry("advantage estimators")
 POLICY_LOSSES: Registry = Registry("policy losses")
 AGGREGATIONS: Registry = Registry("loss aggregations")
+CORRECTIONS: Registry = Registry("off-policy corrections")

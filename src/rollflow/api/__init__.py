@@ -7,6 +7,7 @@ from rollflow.api.sample import (
     PROMPT,
     REWARD,
     Generation,
+    GenerationCell,
     Problem,
     PromptCell,
     RewardCell,
@@ -20,7 +21,7 @@ from rollflow.api.weights import VersionedWeights, WeightChecksumError, WeightTr
 
 __all__ = [
     "COLUMNS", "GENERATION", "PROMPT", "REWARD",
-    "Generation", "InferenceEngine", "LossFn", "LossOutput", "Problem", "PromptCell", "RewardCell",
+    "Generation", "GenerationCell", "InferenceEngine", "LossFn", "LossOutput", "Problem", "PromptCell", "RewardCell",
     "RewardFn", "RewardResult", "SampleRow", "SamplingParams", "Status", "Task", "TrainBatch", "TrainEngine",
     "VersionedWeights", "WeightChecksumError", "WeightTransport", "checksum",
 ]

@@ -23,7 +23,8 @@ class TrainBatch:
     input_ids: torch.Tensor  # (B, T) long
     attention_mask: torch.Tensor  # (B, T) 0/1
     response_mask: torch.Tensor  # (B, T) float, 1 on response tokens that enter the loss
-    old_logprobs: torch.Tensor  # (B, T) behaviour-policy log-probs (0 where unknown, e.g. SFT)
+    old_logprobs: torch.Tensor  # (B, T) π_old of the policy ratio: the behaviour log-probs, or recomputed by the trainer
+    behav_logprobs: torch.Tensor  # (B, T) log-probs recorded by the rollout engine that sampled the tokens (0 where unknown)
     advantages: torch.Tensor  # (B, T)
     versions: torch.Tensor  # (B, T) long, policy version that generated each token (-1 for prompt)
 
@@ -71,5 +72,9 @@ class TrainEngine(Protocol):
         ...
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int, epochs: int) -> dict[str, float]: ...
+
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token log-probs (B, T) of ``batch`` under the current weights, without gradients."""
+        ...
 
     def export_weights(self) -> VersionedWeights: ...

@@ -75,6 +75,25 @@ class PromptCell:
 
 
 @dataclass
+class GenerationCell:
+    """The ``generation`` column. The controller and the logs read the light fields; ``payload`` is the ``Generation``
+    itself (inline backend) or a handle to it in the backend's object store (Ray), resolved only by the worker that
+    trains on it, so token ids and log-probs never pass through the driver."""
+
+    response_text: str
+    num_tokens: int
+    version: int  # the policy version that generated every token (an engine batch never mixes versions)
+    finish_reason: str
+    payload: Any
+
+    @classmethod
+    def of(cls, generation: Generation, payload: Any = None) -> GenerationCell:
+        version = min(generation.versions) if generation.versions else -1
+        return cls(generation.response_text, len(generation.response_ids), version, generation.finish_reason,
+                   generation if payload is None else payload)
+
+
+@dataclass
 class RewardCell:
     """The ``reward`` column: filled by a reward worker."""
 
@@ -88,7 +107,7 @@ class SampleRow:
 
     uid: int
     prompt: PromptCell
-    generation: Generation
+    generation: GenerationCell
     reward: RewardCell
     timestamps: dict[str, float]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,11 +29,12 @@ class VersionedWeights:
     version: int
     tensors: dict[str, torch.Tensor]
     checksum: str
+    published_at: float = 0.0  # time.time() when packed: pick-up delay = load time − this
 
     @classmethod
     def pack(cls, version: int, tensors: dict[str, torch.Tensor]) -> VersionedWeights:
         tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
-        return cls(version, tensors, checksum(tensors))
+        return cls(version, tensors, checksum(tensors), time.time())
 
     def verify(self) -> None:
         """Raise if the tensors are not the ones the checksum was computed on."""
@@ -49,4 +51,6 @@ class WeightTransport(Protocol):
 
     def publish(self, weights: VersionedWeights) -> None: ...
 
-    def latest(self) -> VersionedWeights | None: ...
+    def latest(self, newer_than: int) -> VersionedWeights | None:
+        """The newest published version if it is newer than ``newer_than``, else None (nothing is fetched)."""
+        ...

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rollflow.algos import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
 
 
 class Section(BaseModel):
@@ -110,6 +110,8 @@ class SFTConfig(Section):
     """Reference solutions per SFT step (128 crosses the learning transition reliably across seeds; 64 did not)."""
     lr: float = Field(1e-3, gt=0.0)
     """SFT peak learning rate, decayed linearly to 0."""
+    torch_threads: int = Field(2, ge=1)
+    """Trainer threads during SFT, when nothing else runs (RL uses runtime.trainer.torch_threads)."""
 
 
 class RolloutConfig(Section):
@@ -155,10 +157,15 @@ class AlgoConfig(Section):
     """PPO ratio clip above 1."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Entropy bonus weight."""
+    correction: str = "tis"
+    """Off-policy correction for tokens sampled by an older version (used only when a batch holds such tokens)."""
+    tis_cap: float = Field(2.0, gt=0.0)
+    """Truncated IS: the largest importance weight π_old/π_behav a token may get."""
 
     @model_validator(mode="after")
     def _registered(self) -> AlgoConfig:
-        for registry, field in ((ADVANTAGES, "advantage"), (POLICY_LOSSES, "loss"), (AGGREGATIONS, "aggregation")):
+        names = ((ADVANTAGES, "advantage"), (POLICY_LOSSES, "loss"), (AGGREGATIONS, "aggregation"), (CORRECTIONS, "correction"))
+        for registry, field in names:
             try:
                 registry.get(getattr(self, field))
             except KeyError as e:
@@ -173,19 +180,59 @@ class EvalConfig(Section):
     """Longest greedy answer."""
 
 
+class RoleConfig(Section):
+    workers: int = Field(1, ge=1)
+    """Workers of this role (the trainer has exactly one)."""
+    num_cpus: float = Field(1.0, ge=0.0)
+    """CPUs Ray reserves for each worker (scheduling only; 0 for workers that mostly wait)."""
+    torch_threads: int = Field(1, ge=1)
+    """torch.set_num_threads in each worker's process; the threads of roles that run at once should not exceed
+    the cores."""
+
+
+class RewardRoleConfig(RoleConfig):
+    num_cpus: float = Field(0.0, ge=0.0)
+    """CPUs Ray reserves for each reward worker (0: rule-based rewards and sandboxes mostly wait)."""
+    concurrency: int = Field(64, ge=1)
+    """Samples each reward worker scores at once (threads): slow rewards, e.g. running code, overlap."""
+
+
 class RuntimeConfig(Section):
-    backend: Literal["inline"] = "inline"
-    """Where workers run: 'inline' = all in this process."""
-    staleness: int = Field(0, ge=0)
+    backend: Literal["inline", "ray"] = "ray"
+    """Where workers run: 'ray' = one Ray actor per worker; 'inline' = all in this process, one call at a time
+    (deterministic; for debugging and unit tests)."""
+    address: str | None = None
+    """Ray cluster to join: null starts a private local Ray; 'auto' or 'host:port' joins one started with `ray start`."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs a private local Ray is started with (null: all of this machine's)."""
+    placement: Literal["separate", "colocated"] = "separate"
+    """'separate': each worker reserves its own role's CPUs; 'colocated': rollout and trainer workers share one pool
+    (one node, the larger role's CPUs) and take turns on it."""
+    staleness: int = Field(1, ge=0)
     """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous)."""
     torch_threads: int = Field(2, ge=1)
-    """torch.set_num_threads for this process; never more than the cores it is given."""
-    rollout_workers: int = Field(1, ge=1)
-    """Rollout workers; prompts are split across them."""
-    reward_workers: int = Field(1, ge=1)
-    """Reward workers; samples are split across them."""
+    """torch.set_num_threads for the driver process (and, with the inline backend, every worker)."""
+    rollout: RoleConfig = Field(default_factory=RoleConfig)
+    """Rollout workers: generate calls go to whichever is idle."""
+    reward: RewardRoleConfig = Field(default_factory=RewardRoleConfig)
+    """Reward workers: each group's scoring goes to the least loaded."""
+    trainer: RoleConfig = Field(default_factory=RoleConfig)
+    """The trainer (one worker)."""
+    generate_batch: int = Field(256, ge=1)
+    """Most samples per generate call, rounded down to whole groups (at least one): smaller calls start rewards
+    and weight pick-ups sooner, larger ones batch the engine better."""
     max_generate_batch: int = Field(512, ge=1)
     """Most sequences one engine forward pass holds."""
+    max_retries: int = Field(2, ge=0)
+    """Retries of a sample hit by an infrastructure fault (a worker died, a sandbox failed) before it is masked."""
+    trace: bool = True
+    """Write trace.json (Chrome/Perfetto format): one track per worker, spans for every call and wait."""
+
+    @model_validator(mode="after")
+    def _one_trainer(self) -> RuntimeConfig:
+        if self.trainer.workers != 1:
+            raise ValueError("runtime.trainer.workers: the trainer is one worker; set it to 1")
+        return self
 
 
 class Config(Section):

@@ -68,5 +68,10 @@ class TorchTrainEngine:
         self._version += 1
         return {k: v / updates for k, v in totals.items()}
 
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token log-probs (B, T) under the current weights: π_old for off-policy corrections."""
+        return token_logprobs(self.model, batch, self.temperature)[0]
+
     def export_weights(self) -> VersionedWeights:
         return VersionedWeights.pack(self._version, self.model.state_dict())

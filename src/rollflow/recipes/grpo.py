@@ -1,13 +1,15 @@
 """GRPO for language models: optional SFT warm start, then group-relative policy optimisation.
 
-The whole run in one function, top to bottom: build task and model → build worker groups, store and staleness
-budget → evaluate → SFT → RL loop (admit → produce → take complete groups → train → publish → sync) → save.
-The same wiring runs on any backend; the inline one keeps every worker in this process.
+The whole run in one function, top to bottom: build task and model → spawn the worker groups on the backend →
+evaluate → SFT → the controller's streaming RL loop (admit within the staleness budget → generate → score → train
+on complete groups → publish; rollout workers pick new weights up between calls) → save. The same code runs on
+both backends: ``ray`` puts every worker in its own actor, ``inline`` keeps them all in this process.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,19 +19,21 @@ from typing import Any
 import torch
 import transformers
 
-from rollflow.algos import ADVANTAGES, policy_loss_fn, sft_loss
+from rollflow.algos import ADVANTAGES, needs_proximal, policy_loss_fn, sft_loss
 from rollflow.api import Problem, RewardFn, SamplingParams, Task
 from rollflow.config import Config, dump_config
+from rollflow.config.schema import RuntimeConfig
 from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, load_pretrained, save_pretrained, tiny_model
 from rollflow.engines.torch_train import TorchTrainEngine
+from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
 from rollflow.runtime.controller import Controller
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.roles import RewardWorker, RolloutWorker, TrainerWorker
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
+from rollflow.runtime.trace import Tracer
 from rollflow.runtime.tracking import Tracker
-from rollflow.runtime.weights import InlineWeightTransport
 from rollflow.tasks import build_task
 from rollflow.tasks.reward_fn import call_reward_fn
 
@@ -65,11 +69,12 @@ def with_reward_fn(task: Task, fn: RewardFn) -> Task:
 
 
 def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: int) -> float:
-    """Greedy accuracy on the held-out set: the share of problems whose response earns the full reward (≥ 1)."""
+    """Greedy accuracy on the held-out set (newest published weights): the share of problems whose response earns
+    the full reward (≥ 1)."""
     problems = task.eval_problems()
     params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens)
     gens = rollout.generate([(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)], params)
-    return sum(task.verify(problems[g.uid], g.generation.response_text).reward >= 1.0 for g in gens) / len(problems)
+    return sum(task.verify(problems[g.uid], g.cell.response_text).reward >= 1.0 for g in gens) / len(problems)
 
 
 def build_model(config: Config, task: Task) -> tuple[Any, Any]:
@@ -81,12 +86,76 @@ def build_model(config: Config, task: Task) -> tuple[Any, Any]:
     return tiny_model(spec, tokenizer, config.seed), tokenizer
 
 
+def make_backend(runtime: RuntimeConfig) -> Backend:
+    if runtime.backend == "inline":
+        return InlineBackend()
+    from rollflow.runtime.ray_backend import RayBackend  # Ray is imported only when asked for
+
+    return RayBackend(runtime.address, runtime.num_cpus)
+
+
+# Worker factories: run where the worker lives (an actor's process on Ray), so each engine is built there.
+def _rollout_worker(model: Any, tokenizer: Any, config: Config, index: int, transport: Any, payloads: Payloads) -> RolloutWorker:
+    r = config.rollout
+    engine = HFInferenceEngine(model, tokenizer, config.runtime.max_generate_batch, config.seed + index)
+    return RolloutWorker(engine, transport, SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens), payloads)
+
+
+def _reward_worker(task: Task, concurrency: int) -> RewardWorker:
+    return RewardWorker(task.verify, concurrency)
+
+
+def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> TrainerWorker:
+    t, a = config.train, config.algo
+    engine = TorchTrainEngine(model, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                              temperature=config.rollout.temperature, seed=config.seed)
+    return TrainerWorker(
+        engine, transport, pad_id,
+        advantage_fn=functools.partial(_advantages, a.advantage, a.scale_by_std),
+        loss_fn=policy_loss_fn(a.loss, a.aggregation, a.entropy_coef, correction=a.correction,
+                               correction_params={"cap": a.tis_cap} if a.correction == "tis" else {},
+                               clip_low=a.clip_low, clip_high=a.clip_high),
+        minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
+        recompute_proximal=needs_proximal(a.correction), payloads=payloads,
+    )
+
+
+def _advantages(name: str, scale_by_std: bool, rewards: torch.Tensor) -> torch.Tensor:
+    return ADVANTAGES.get(name)(rewards, scale_by_std=scale_by_std)
+
+
+def _save(tokenizer: Any, path: Path, model: Any) -> None:
+    transformers.utils.logging.disable_progress_bar()  # may run in a worker process
+    save_pretrained(model, tokenizer, path)
+
+
+def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, tokenizer: Any) -> tuple[WorkerGroup, WorkerGroup, WorkerGroup]:
+    """The three worker groups of a run, placed as ``runtime`` says. Rollout engines hold their own copy of the
+    weights and only ever change them by version."""
+    rt = config.runtime
+    transport, payloads = backend.weight_transport(), backend.payloads
+    pool = None
+    if rt.placement == "colocated":
+        pool = "actor"
+        backend.make_pool(pool, max(rt.rollout.num_cpus, rt.trainer.num_cpus), rt.rollout.workers + 1)
+    rollout = WorkerGroup.spawn(backend, "rollout", RolloutWorker, [
+        functools.partial(_rollout_worker, copy.deepcopy(model), tokenizer, config, i, transport, payloads)
+        for i in range(rt.rollout.workers)
+    ], Resources(rt.rollout.num_cpus, rt.rollout.torch_threads, pool=pool))
+    reward = WorkerGroup.spawn(backend, "reward", RewardWorker, [
+        functools.partial(_reward_worker, task, rt.reward.concurrency) for _ in range(rt.reward.workers)
+    ], Resources(rt.reward.num_cpus, rt.reward.torch_threads, concurrency=rt.reward.concurrency, restartable=True))
+    trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
+        functools.partial(_trainer_worker, model, tokenizer.pad_token_id, config, transport, payloads)
+    ], Resources(rt.trainer.num_cpus, rt.trainer.torch_threads, pool=pool))
+    return rollout, reward, trainer
+
+
 def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker) -> None:
     """Supervised warm start on reference solutions, lr decayed linearly to zero."""
     stream = task.train_problems(config.seed + 1)
-    engine = trainer.workers[0].engine
     for step in range(config.sft.steps):
-        engine.set_lr(config.sft.lr * (1 - step / config.sft.steps))
+        trainer.set_lr(config.sft.lr * (1 - step / config.sft.steps))
         problems: list[Problem] = [next(stream) for _ in range(config.sft.batch_size)]
         m = trainer.sft([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], sft_loss)
         if (step + 1) % 50 == 0 or step == config.sft.steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
@@ -109,98 +178,91 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
         task = with_reward_fn(task, reward_fn)
     model, tokenizer = build_model(config, task)
     tokens = Tokens(tokenizer)
-    r, t = config.rollout, config.train
+    r, t, rt = config.rollout, config.train, config.runtime
+    rl_threads = rt.torch_threads if rt.backend == "inline" else rt.trainer.torch_threads
+    tracer = Tracer(enabled=rt.trace)
 
-    # Workers: the rollout engines hold their own copy of the weights and only ever change them by version.
-    transport = InlineWeightTransport()
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
-    rollout = WorkerGroup("rollout", [
-        RolloutWorker(HFInferenceEngine(copy.deepcopy(model), tokenizer, config.runtime.max_generate_batch, config.seed + i), transport, params)
-        for i in range(config.runtime.rollout_workers)
-    ])
-    reward = WorkerGroup("reward", [RewardWorker(task.verify) for _ in range(config.runtime.reward_workers)])
-    engine = TorchTrainEngine(model, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip, temperature=r.temperature, seed=config.seed)
-    a = config.algo
-    trainer = WorkerGroup("trainer", [TrainerWorker(
-        engine, transport, tokenizer.pad_token_id,
-        advantage_fn=lambda rewards: ADVANTAGES.get(a.advantage)(rewards, scale_by_std=a.scale_by_std),
-        loss_fn=policy_loss_fn(a.loss, a.aggregation, a.entropy_coef, clip_low=a.clip_low, clip_high=a.clip_high),
-        minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
-    )])
+    backend = make_backend(rt)
+    try:
+        rollout, reward, trainer = spawn_workers(backend, config, task, model, tokenizer)
 
-    def sync_and_eval() -> float:
-        trainer.publish()
-        rollout.sync_weights()
-        return evaluate(rollout, task, tokens, config.eval.max_new_tokens)
+        def publish_and_eval() -> float:
+            trainer.publish()
+            return evaluate(rollout, task, tokens, config.eval.max_new_tokens)
 
-    history: list[dict[str, Any]] = []
-    with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress) as tracker:
-        acc_initial = sync_and_eval()
-        tracker.log_eval(0, acc_initial, "initial")
-        acc_sft = acc_initial
-        if config.sft.steps:
-            run_sft(trainer, task, tokens, config, tracker)
-            acc_sft = sync_and_eval()
-            tracker.log_eval(0, acc_sft, "after SFT")
-        engine.set_lr(t.lr)
+        history: list[dict[str, Any]] = []
+        with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress) as tracker:
+            acc_initial = publish_and_eval()
+            tracker.log_eval(0, acc_initial, "initial")
+            acc_sft = acc_initial
+            if config.sft.steps:
+                trainer.set_threads(config.sft.torch_threads)
+                run_sft(trainer, task, tokens, config, tracker)
+                acc_sft = publish_and_eval()
+                tracker.log_eval(0, acc_sft, "after SFT")
+            trainer.set_threads(rl_threads)
+            trainer.set_lr(t.lr)
 
-        store, budget = SampleStore(), StalenessBudget(config.runtime.staleness, config.samples_per_step)
-        controller = Controller(store, budget, rollout, reward, task.train_problems(config.seed), tokens.prompt, r.samples_per_prompt)
-        v0 = engine.version
-        acc, rl_start = acc_sft, time.perf_counter()
-        for step in range(1, t.steps + 1):
-            t0 = time.perf_counter()
-            controller.admit(engine.version - v0)
-            times = controller.produce()
-            groups = controller.next_batch(r.prompts_per_step)
-            t1 = time.perf_counter()
-            metrics = trainer.train(groups)
-            times["train"] = time.perf_counter() - t1
-            rollout.sync_weights()
-            elapsed = time.perf_counter() - t0
+            store, budget = SampleStore(), StalenessBudget(rt.staleness, config.samples_per_step)
+            controller = Controller(
+                store, budget, rollout, reward, trainer, task.train_problems(config.seed), tokens.prompt,
+                group_size=r.samples_per_prompt, groups_per_step=r.prompts_per_step, generate_batch=rt.generate_batch,
+                version=trainer.version(), max_retries=rt.max_retries, tracer=tracer,
+            )
+            acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
+            for result in controller.run(t.steps):
+                step, rows = result.step, [row for g in result.groups for row in g]
+                now = time.perf_counter()
+                elapsed, last = now - last, now
+                rewards = torch.tensor([row.reward.result.reward for row in rows])
+                n_tokens = sum(row.generation.num_tokens for row in rows)
+                metrics = dict(result.train.metrics)
+                record: dict[str, Any] = {
+                    "reward/mean": rewards.mean().item(),
+                    "reward/std": rewards.std().item(),
+                    **{f"reward/{k}": sum(row.reward.result.breakdown.get(k, 0.0) for row in rows) / len(rows)
+                       for k in rows[0].reward.result.breakdown},
+                    "train/loss": metrics.pop("loss"),
+                    **{f"train/{k}": v for k, v in metrics.items() if "/" not in k},
+                    **{k: v for k, v in metrics.items() if "/" in k},
+                    **result.metrics,
+                    "response/length": n_tokens / len(rows),
+                    "throughput/samples_per_s": len(rows) / elapsed,
+                    "throughput/tokens_per_s": n_tokens / elapsed,
+                    "time/train": result.train.finished - result.train.started,
+                    "time/step": elapsed,
+                    "version": result.train.version,
+                }
+                if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
+                    acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
+                    record["eval/accuracy"] = acc
+                tracker.log_step(step, record)
+                tracker.log_rollouts([{
+                    "uid": row.uid, "step": step, "group": row.group_id, "version": row.generation.version,
+                    "prompt": row.prompt.problem.prompt, "response": row.generation.response_text,
+                    "reward": row.reward.result.reward, "breakdown": row.reward.result.breakdown, "status": row.status.value,
+                } for row in rows])
+                history.append({"step": step, **record})
+            rl_seconds = time.perf_counter() - rl_start
 
-            rows = [row for g in groups for row in g]
-            rewards = torch.tensor([row.reward.result.reward for row in rows])
-            n_tokens = sum(len(row.generation.response_ids) for row in rows)
-            record: dict[str, Any] = {
-                "reward/mean": rewards.mean().item(),
-                "reward/std": rewards.std().item(),
-                **{f"reward/{k}": sum(row.reward.result.breakdown.get(k, 0.0) for row in rows) / len(rows)
-                   for k in rows[0].reward.result.breakdown},
-                "train/loss": metrics.pop("loss"),
-                **{f"train/{k}": v for k, v in metrics.items() if "/" not in k},
-                **{k: v for k, v in metrics.items() if "/" in k},
-                "response/length": n_tokens / len(rows),
-                "throughput/samples_per_s": len(rows) / elapsed,
-                "throughput/tokens_per_s": n_tokens / elapsed,
-                **{f"time/{k}": v for k, v in times.items()},
-                "time/step": elapsed,
-                **{f"store/{k}": v for k, v in store.counts().items()},
-                "version": engine.version,
+            trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
+            summary = {
+                "accuracy_initial": acc_initial,
+                "accuracy_after_sft": acc_sft,
+                "accuracy_final": acc,
+                "steps": t.steps,
+                "samples": t.steps * config.samples_per_step,
+                "backend": rt.backend,
+                "staleness": rt.staleness,
+                "wall_seconds": time.perf_counter() - t_start,
+                "rl_seconds": rl_seconds,
+                "samples_per_second": t.steps * config.samples_per_step / rl_seconds if t.steps else 0.0,
+                "infra_retries": controller.infra_retries,
+                **(controller.pipeline_summary() if t.steps else {}),
             }
-            if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
-                acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
-                record["eval/accuracy"] = acc
-            tracker.log_step(step, record)
-            tracker.log_rollouts([{
-                "uid": row.uid, "step": step, "group": row.group_id, "version": row.generation.versions[0] if row.generation.versions else None,
-                "prompt": row.prompt.problem.prompt, "response": row.generation.response_text,
-                "reward": row.reward.result.reward, "breakdown": row.reward.result.breakdown, "status": row.status.value,
-            } for row in rows])
-            history.append({"step": step, **record})
-
-        save_pretrained(engine.model, tokenizer, run_dir / "model")
-        rl_seconds = time.perf_counter() - rl_start
-        summary = {
-            "accuracy_initial": acc_initial,
-            "accuracy_after_sft": acc_sft,
-            "accuracy_final": acc,
-            "steps": t.steps,
-            "samples": t.steps * config.samples_per_step,
-            "wall_seconds": time.perf_counter() - t_start,
-            "rl_seconds": rl_seconds,
-            "samples_per_second": t.steps * config.samples_per_step / rl_seconds if t.steps else 0.0,
-            "infra_retries": controller.infra_retries,
-        }
-        tracker.finish(summary)
+            if rt.trace:
+                tracer.write(run_dir / "trace.json")
+            tracker.finish(summary)
+    finally:
+        backend.shutdown()
     return RunResult(run_dir, summary, history)

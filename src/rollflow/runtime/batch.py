@@ -19,7 +19,9 @@ def collate(
 ) -> TrainBatch:
     """Row i is ``prompts[i] + responses[i]``; response columns hold the per-token values, the rest zeros.
 
-    ``advantages`` are per sequence and broadcast over that sequence's response tokens.
+    ``advantages`` are per sequence and broadcast over that sequence's response tokens. ``old_logprobs`` are the
+    recorded behaviour log-probs; they fill both ``old_logprobs`` and ``behav_logprobs`` until a trainer recomputes
+    the former.
     """
     B = len(prompts)
     T = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -40,4 +42,4 @@ def collate(
             adv[i, P : P + R] = advantages[i]
         if versions is not None:
             ver[i, P : P + R] = torch.tensor(versions[i])
-    return TrainBatch(ids, attn, resp, old, adv, ver)
+    return TrainBatch(ids, attn, resp, old, old.clone(), adv, ver)

@@ -1,16 +1,22 @@
 """The worker roles of an RL run: rollout, reward, trainer. Each wraps a contract from ``api`` and nothing more;
-the algorithm (advantage estimator, loss) is handed to the trainer by the recipe."""
+the algorithm (advantage estimator, loss, off-policy correction) is handed to the trainer by the recipe.
+
+Workers return what they did with wall-clock spans (``time.time()``), which the controller turns into metrics and
+the trace. They never talk to each other: bulk values move through the backend's payload store and weight transport."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from rollflow.api import (
     Generation,
+    GenerationCell,
     InferenceEngine,
     LossFn,
     Problem,
@@ -22,6 +28,7 @@ from rollflow.api import (
     TrainEngine,
     WeightTransport,
 )
+from rollflow.runtime.backend import LocalPayloads, Payloads
 from rollflow.runtime.batch import collate
 from rollflow.runtime.group import Mode, dispatch
 
@@ -29,52 +36,106 @@ from rollflow.runtime.group import Mode, dispatch
 @dataclass
 class Generated:
     uid: int
-    generation: Generation
+    cell: GenerationCell
     started: float
     finished: float
 
 
+@dataclass
+class WeightPickup:
+    """A rollout worker loading a new version: when it was published, when it was in place, how long loading took."""
+
+    version: int
+    published_at: float
+    loaded_at: float
+    load_seconds: float
+
+
+@dataclass
+class RolloutResult:
+    items: list[Generated]
+    version: int
+    started: float
+    finished: float
+    pickup: WeightPickup | None
+
+
 class RolloutWorker:
-    def __init__(self, engine: InferenceEngine, transport: WeightTransport, params: SamplingParams) -> None:
+    def __init__(self, engine: InferenceEngine, transport: WeightTransport, params: SamplingParams, payloads: Payloads | None = None) -> None:
         self.engine, self.transport, self.params = engine, transport, params
-        self.load_seconds = 0.0
+        self.payloads = payloads or LocalPayloads()
 
     @dispatch(Mode.BROADCAST)
     def sync_weights(self) -> int:
-        """Load the newest published version if it is newer than ours. Called only between generate calls,
-        so one generate call (and every forward pass in it) sees one version."""
-        latest = self.transport.latest()
-        if latest is not None and latest.version > self.engine.version:
-            t = time.perf_counter()
-            self.engine.load_weights(latest)
-            self.load_seconds = time.perf_counter() - t
+        """Load the newest published version if it is newer than ours; returns the version now held."""
+        self._pick_up()
         return self.engine.version
+
+    def _pick_up(self) -> WeightPickup | None:
+        # The safe point: called only at the start of a generate call, so every forward pass of a call sees one version.
+        latest = self.transport.latest(newer_than=self.engine.version)
+        if latest is None:
+            return None
+        t = time.perf_counter()
+        self.engine.load_weights(latest)  # verifies the checksum first; on mismatch the old weights stay
+        return WeightPickup(latest.version, latest.published_at, time.time(), time.perf_counter() - t)
 
     @dispatch(Mode.SPLIT)
     def generate(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> list[Generated]:
-        """``items``: (uid, prompt token ids). One engine batch, so every response in it shares one version."""
+        """``items``: (uid, prompt token ids). Picks up the newest weights, then samples every item at one version."""
+        return self.rollout(items, params).items
+
+    def rollout(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> RolloutResult:
+        """``generate`` with what the controller records: the version used, the call's span and any weight pick-up.
+        The bulk of each generation goes to the payload store; the returned cells hold handles to it."""
+        pickup = self._pick_up()
         started = time.time()
         gens = self.engine.generate([ids for _, ids in items], params or self.params)
+        handles = self.payloads.put(gens)
         finished = time.time()
-        return [Generated(uid, g, started, finished) for (uid, _), g in zip(items, gens)]
+        cells = [Generated(uid, GenerationCell.of(g, h), started, finished) for (uid, _), g, h in zip(items, gens, handles)]
+        return RolloutResult(cells, self.engine.version, started, finished, pickup)
+
+
+@dataclass
+class Scored:
+    uid: int
+    cell: RewardCell
+    started: float
+    finished: float
 
 
 class RewardWorker:
-    def __init__(self, verify: Callable[[Problem, str], RewardResult]) -> None:
+    """Scores samples with the task's verifier, ``concurrency`` at a time (threads: slow verifiers mostly wait)."""
+
+    def __init__(self, verify: Callable[[Problem, str], RewardResult], concurrency: int = 1) -> None:
         self.verify = verify
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="reward") if concurrency > 1 else None
+
+    def _score_one(self, item: tuple[int, Problem, str]) -> Scored:
+        uid, problem, response = item
+        started, t = time.time(), time.perf_counter()
+        result = self.verify(problem, response)
+        return Scored(uid, RewardCell(result, time.perf_counter() - t), started, time.time())
 
     @dispatch(Mode.SPLIT)
-    def score(self, items: list[tuple[int, Problem, str]]) -> list[tuple[int, RewardCell]]:
-        out = []
-        for uid, problem, response in items:
-            t = time.perf_counter()
-            result = self.verify(problem, response)
-            out.append((uid, RewardCell(result, time.perf_counter() - t)))
-        return out
+    def score(self, items: list[tuple[int, Problem, str]]) -> list[Scored]:
+        if self.pool is None or len(items) == 1:
+            return [self._score_one(item) for item in items]
+        return list(self.pool.map(self._score_one, items))
 
 
 # (rewards (G, n)) -> advantages (G, n)
 AdvantageFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    version: int  # the trainer's version after the step (published)
+    started: float
+    finished: float
+    publish_started: float
 
 
 class TrainerWorker:
@@ -87,17 +148,25 @@ class TrainerWorker:
         loss_fn: LossFn,
         minibatches: int,
         epochs: int,
+        recompute_proximal: bool = False,
+        payloads: Payloads | None = None,
     ) -> None:
         self.engine, self.transport, self.pad_id = engine, transport, pad_id
         self.advantage_fn, self.loss_fn = advantage_fn, loss_fn
         self.minibatches, self.epochs = minibatches, epochs
+        self.recompute_proximal = recompute_proximal
+        self.payloads = payloads or LocalPayloads()
 
     @dispatch(Mode.FIRST)
-    def train(self, groups: list[list[SampleRow]]) -> dict[str, float]:
+    def train(self, groups: list[list[SampleRow]]) -> TrainResult:
         """One RL step on complete groups: advantages → loss → optimizer updates → publish the new version.
 
-        Samples whose status is ``infra_error`` take part in no group statistic and no loss (masked)."""
+        Samples whose status is ``infra_error`` take part in no group statistic and no loss (masked). When some
+        tokens come from an older version and the correction asks for it, π_old is recomputed with the current
+        weights first (the behaviour log-probs stay as recorded)."""
+        started = time.time()
         rows = [r for g in groups for r in g]
+        gens: list[Generation] = self.payloads.get([r.generation.payload for r in rows])
         usable = torch.tensor([r.status is not Status.INFRA_ERROR for r in rows]).view(len(groups), -1)  # (G, n)
         rewards = torch.tensor([r.reward.result.reward for r in rows]).view(len(groups), -1)  # (G, n)
         if usable.all():
@@ -107,23 +176,27 @@ class TrainerWorker:
             for g in range(len(groups)):
                 if usable[g].any():
                     advantages[g, usable[g]] = self.advantage_fn(rewards[g, usable[g]][None])[0]
-        advantages = advantages.flatten().tolist()
         batch = collate(
             [r.prompt.prompt_ids for r in rows],
-            [r.generation.response_ids for r in rows],
+            [g.response_ids for g in gens],
             self.pad_id,
-            old_logprobs=[r.generation.logprobs for r in rows],
-            advantages=advantages,
-            versions=[r.generation.versions for r in rows],
+            old_logprobs=[g.logprobs for g in gens],
+            advantages=advantages.flatten().tolist(),
+            versions=[g.versions for g in gens],
         )
         batch.response_mask *= usable.flatten()[:, None].float()
         trained_at = self.engine.version
+        mask = batch.response_mask.bool()
+        lag = trained_at - batch.versions[mask]  # (tokens,)
+        recompute = self.recompute_proximal and lag.numel() > 0 and bool((lag > 0).any())
+        if recompute:
+            batch.old_logprobs = torch.where(mask, self.engine.compute_logprobs(batch), batch.behav_logprobs)
         metrics = self.engine.train_step(batch, self.loss_fn, self.minibatches, self.epochs)
-        token_versions = batch.versions[batch.response_mask.bool()]
-        lag = trained_at - token_versions
-        metrics.update({"staleness/max": float(lag.max()) if lag.numel() else 0.0, "staleness/mean": lag.float().mean().item() if lag.numel() else 0.0})
+        metrics["correction/recomputed"] = float(recompute)
+        metrics.update(staleness_metrics(trained_at, [r.generation.version for r in rows], lag))
+        publish_started = time.time()
         metrics["time/publish"] = self.publish()
-        return metrics
+        return TrainResult(metrics, self.engine.version, started, time.time(), publish_started)
 
     @dispatch(Mode.FIRST)
     def sft(self, prompts: list[list[int]], targets: list[list[int]], loss_fn: LossFn) -> dict[str, float]:
@@ -131,8 +204,37 @@ class TrainerWorker:
         return self.engine.train_step(collate(prompts, targets, self.pad_id), loss_fn, 1, 1)
 
     @dispatch(Mode.FIRST)
+    def set_threads(self, n: int) -> None:
+        """torch threads of the trainer's process, per phase (SFT runs alone; RL shares the cores with rollout)."""
+        torch.set_num_threads(n)
+
+    @dispatch(Mode.FIRST)
+    def set_lr(self, lr: float) -> None:
+        self.engine.set_lr(lr)
+
+    @dispatch(Mode.FIRST)
+    def version(self) -> int:
+        return self.engine.version
+
+    @dispatch(Mode.FIRST)
     def publish(self) -> float:
         """Publish the current weights as a new version; returns the seconds it took."""
         t = time.perf_counter()
         self.transport.publish(self.engine.export_weights())
         return time.perf_counter() - t
+
+    @dispatch(Mode.FIRST)
+    def save(self, save: Callable[[Any], None]) -> None:
+        """Run ``save(model)`` where the model lives (e.g. writing a Hugging Face checkpoint)."""
+        save(self.engine.model)
+
+
+def staleness_metrics(trained_at: int, sample_versions: list[int], token_lag: torch.Tensor) -> dict[str, float]:
+    """Versions behind the trainer: min/mean/max over trained tokens, and the share of samples at each lag."""
+    if token_lag.numel() == 0:
+        return {"staleness/min": 0.0, "staleness/mean": 0.0, "staleness/max": 0.0}
+    out = {"staleness/min": float(token_lag.min()), "staleness/mean": token_lag.float().mean().item(), "staleness/max": float(token_lag.max())}
+    lags = [trained_at - v for v in sample_versions]
+    for k in sorted(set(lags)):
+        out[f"staleness/samples_lag{k}"] = lags.count(k) / len(lags)
+    return out

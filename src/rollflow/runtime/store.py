@@ -2,7 +2,8 @@
 
 Stages write the column they produce (``prompt`` at admission, ``generation``, ``reward``); a row is complete when
 every column in ``api.COLUMNS`` is filled, and a group when all its rows are. Consumers take the oldest complete
-groups first, in whatever order they completed. A ledger records each uid's life (admitted → complete → consumed)
+groups first, in whatever order they completed, except that a group which would otherwise go too stale must be
+taken now (see ``take_groups``). A ledger records each uid's life (admitted → complete → consumed)
 so no row is lost or consumed twice; a row hit by an infrastructure fault is reset with ``retry`` rather than scored.
 
 Thread-safe: one lock, one condition that wakes waiting consumers when a group completes.
@@ -30,6 +31,8 @@ class _Row:
     times: dict[str, float] = field(default_factory=dict)
     consumed: bool = False
     retries: int = 0
+    admitted_version: int = 0
+    version: int = 0  # a lower bound on the version of every token the row holds or will hold
 
     def complete(self) -> bool:
         return all(c in self.cells for c in COLUMNS)
@@ -43,13 +46,14 @@ class SampleStore:
         self._cond = threading.Condition()
         self.consumed_total = 0
 
-    def admit(self, cells: list[PromptCell]) -> list[int]:
-        """Create one row per prompt cell; all cells of a call share a group id."""
+    def admit(self, cells: list[PromptCell], version: int = 0) -> list[int]:
+        """Create one row per prompt cell, admitted while the trainer is at ``version``; all cells of a call share
+        a group id."""
         with self._cond:
             uids = []
             for cell in cells:
                 uid = next(self._uids)
-                self._rows[uid] = _Row({PROMPT: cell}, {"admitted": time.time()})
+                self._rows[uid] = _Row({PROMPT: cell}, {"admitted": time.time()}, admitted_version=version, version=version)
                 self._groups.setdefault(cell.group_id, []).append(uid)
                 uids.append(uid)
             return uids
@@ -64,6 +68,8 @@ class SampleStore:
                 raise StoreError(f"row {uid} already has column '{column}'; a stage wrote it twice")
             row.cells[column] = value
             row.times.update(times)
+            if column == GENERATION and getattr(value, "version", -1) >= 0:
+                row.version = max(row.version, value.version)
             if row.complete():
                 self._cond.notify_all()
 
@@ -72,6 +78,7 @@ class SampleStore:
         with self._cond:
             row = self._row(uid)
             row.cells = {PROMPT: row.cells[PROMPT]}
+            row.version = row.admitted_version
             row.retries += 1
             return row.retries
 
@@ -85,25 +92,53 @@ class SampleStore:
         with self._cond:
             return self._row(uid).cells[column]
 
-    def take_groups(self, k: int, timeout: float | None = None) -> list[list[SampleRow]]:
-        """Block until ``k`` groups are complete, then hand out the oldest ``k`` of them and mark them consumed."""
+    def take_groups(self, k: int, timeout: float | None = None, version: int | None = None, eta: int | None = None) -> list[list[SampleRow]]:
+        """Block until a batch of ``k`` complete groups can be handed out (see ``try_take_groups``), then mark them
+        consumed. Without ``version``/``eta`` it is simply the oldest ``k`` complete groups."""
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._ready()) >= k, timeout):
+            if not self._cond.wait_for(lambda: self._choose(k, version, eta) is not None, timeout):
                 raise TimeoutError(f"only {len(self._ready())} of {k} groups became complete within {timeout}s")
-            now, out = time.time(), []
-            for gid in self._ready()[:k]:
-                uids = self._groups.pop(gid)
-                rows = []
-                for uid in uids:
-                    row = self._rows.pop(uid)
-                    if row.consumed:  # unreachable while the ledger holds; kept as the invariant's guard
-                        raise StoreError(f"row {uid} consumed twice")
-                    row.consumed = True
-                    row.times["consumed"] = now
-                    rows.append(SampleRow(uid, row.cells[PROMPT], row.cells[GENERATION], row.cells[REWARD], row.times))
-                out.append(rows)
-            self.consumed_total += sum(map(len, out))
-            return out
+            return self._consume(self._choose(k, version, eta) or [])
+
+    def try_take_groups(self, k: int, version: int, eta: int) -> list[list[SampleRow]] | None:
+        """The next batch for a trainer at ``version`` under bound ``eta``, or None if it cannot be formed yet.
+
+        A group is *due* when some row's version lower bound ``m`` has ``m + eta <= version``: trained any later, a
+        token of it would be more than ``eta`` versions behind. The batch is every due group (all must be
+        complete, so the trainer waits for a slow due group rather than let it go stale) plus the oldest other
+        complete groups up to ``k``. The admission budget guarantees at most ``k`` groups are ever due at once."""
+        with self._cond:
+            chosen = self._choose(k, version, eta)
+            return None if chosen is None else self._consume(chosen)
+
+    def _choose(self, k: int, version: int | None, eta: int | None) -> list[int] | None:
+        ready = self._ready()
+        if version is None or eta is None:
+            return ready[:k] if len(ready) >= k else None
+        due = [g for g, uids in self._groups.items() if min(self._rows[u].version for u in uids) + eta <= version]
+        if len(due) > k:
+            raise StoreError(f"{len(due)} groups are due at version {version} but a step takes {k}; admission exceeded the staleness budget")
+        ready_set = set(ready)
+        if any(g not in ready_set for g in due) or len(ready) < k:
+            return None
+        due_set = set(due)
+        return due + [g for g in ready if g not in due_set][: k - len(due)]
+
+    def _consume(self, gids: list[int]) -> list[list[SampleRow]]:
+        now, out = time.time(), []
+        for gid in gids:
+            uids = self._groups.pop(gid)
+            rows = []
+            for uid in uids:
+                row = self._rows.pop(uid)
+                if row.consumed:  # unreachable while the ledger holds; kept as the invariant's guard
+                    raise StoreError(f"row {uid} consumed twice")
+                row.consumed = True
+                row.times["consumed"] = now
+                rows.append(SampleRow(uid, row.cells[PROMPT], row.cells[GENERATION], row.cells[REWARD], row.times))
+            out.append(rows)
+        self.consumed_total += sum(map(len, out))
+        return out
 
     def _ready(self) -> list[int]:
         return [g for g, uids in self._groups.items() if all(self._rows[u].complete() for u in uids)]

@@ -20,6 +20,6 @@ class InlineWeightTransport:
                 raise ValueError(f"version {weights.version} published after version {self._latest.version}; versions must increase")
             self._latest = weights
 
-    def latest(self) -> VersionedWeights | None:
+    def latest(self, newer_than: int) -> VersionedWeights | None:
         with self._lock:
-            return self._latest
+            return self._latest if self._latest is not None and self._latest.version > newer_than else None
