@@ -1,3 +1,6 @@
+"""The streaming controller, driven through the inline backend (deterministic: every call runs as it is submitted)
+with fake rollout / reward / trainer workers, and the real ``TrainerWorker`` where masking is what is tested."""
+
 import itertools
 import time
 
@@ -5,52 +8,93 @@ import pytest
 import torch
 
 from rollflow.algos import ADVANTAGES, policy_loss_fn
-from rollflow.api import GENERATION, REWARD, Generation, Problem, RewardCell, RewardResult, SamplingParams, Status
+from rollflow.api import Generation, GenerationCell, Problem, RewardCell, RewardResult, SamplingParams, Status
 from rollflow.engines.torch_train import TorchTrainEngine
-from rollflow.runtime.controller import Controller
-from rollflow.runtime.group import Mode, WorkerGroup, dispatch
-from rollflow.runtime.roles import Generated, TrainerWorker
+from rollflow.runtime.backend import WorkerLost
+from rollflow.runtime.controller import Controller, StepResult, union_seconds
+from rollflow.runtime.group import WorkerGroup
+from rollflow.runtime.roles import Generated, RolloutResult, Scored, TrainerWorker, TrainResult
 from rollflow.runtime.staleness import StalenessBudget
-from rollflow.runtime.store import SampleStore
+from rollflow.runtime.store import SampleStore, StoreError
 from rollflow.runtime.weights import InlineWeightTransport
 
-P, N = 2, 3  # prompts per step, samples per prompt
+P, N = 2, 3  # prompts (groups) per step, samples per prompt
+B = P * N  # samples per step
+
+
+class Policy:
+    """The trainer's current version, shared by the fakes: the fake trainer bumps it, fake rollouts sample at it
+    (as a real rollout worker that picks up every published version at the start of its call would)."""
+
+    def __init__(self, version: int = 0) -> None:
+        self.version = version
 
 
 class FakeRollout:
-    """Answers every prompt with the uid's last digit (as text and ids) then EOS; records what it generated."""
+    """Answers every prompt with the uid's last digit (as text and ids) then EOS, at ``policy.version``.
 
-    def __init__(self, tokenizer, version: int = 0) -> None:
-        self.tokenizer, self.version = tokenizer, version
+    ``errors`` are raised by the next calls, one per call, before anything is generated. ``calls`` records the uids
+    of every call (failed ones too), ``generated`` the uids actually answered."""
+
+    def __init__(self, tokenizer, policy: Policy, errors: list[Exception] | None = None) -> None:
+        self.tokenizer, self.policy = tokenizer, policy
+        self.errors = list(errors or [])
+        self.calls: list[list[int]] = []
         self.generated: list[int] = []
 
-    @dispatch(Mode.SPLIT)
-    def generate(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> list[Generated]:
-        out, now = [], time.time()
+    def rollout(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> RolloutResult:
+        self.calls.append([uid for uid, _ in items])
+        if self.errors:
+            raise self.errors.pop(0)
+        started, version, out = time.time(), self.policy.version, []
         for uid, _ in items:
             self.generated.append(uid)
             ids = [*self.tokenizer.encode(str(uid % 10), add_special_tokens=False), self.tokenizer.eos_token_id]
-            generation = Generation(ids, str(uid % 10), [-0.5] * len(ids), [self.version] * len(ids), "eos")
-            out.append(Generated(uid, generation, now, now))
-        return out
+            generation = Generation(ids, str(uid % 10), [-0.5] * len(ids), [version] * len(ids), "eos")
+            out.append(Generated(uid, GenerationCell.of(generation), started, time.time()))
+        return RolloutResult(out, version, started, time.time(), None)
 
 
 class FakeReward:
-    """Reward 1 when the response's digit is even; ``infra_error`` for ``flaky`` uids (``times`` times each)."""
+    """Reward 1 when the response's digit is even; ``infra_error`` for ``flaky`` uids (``times`` times each).
+    ``errors`` are raised by the next calls, one per call."""
 
-    def __init__(self, flaky: set[int] = frozenset(), times: int = 1) -> None:
+    def __init__(self, flaky=frozenset(), times: int = 1, errors: list[Exception] | None = None) -> None:
         self.failures_left = {uid: times for uid in flaky}
+        self.errors = list(errors or [])
+        self.calls: list[list[int]] = []
 
-    @dispatch(Mode.SPLIT)
-    def score(self, items: list[tuple[int, Problem, str]]) -> list[tuple[int, RewardCell]]:
-        out = []
+    def score(self, items: list[tuple[int, Problem, str]]) -> list[Scored]:
+        self.calls.append([uid for uid, _, _ in items])
+        if self.errors:
+            raise self.errors.pop(0)
+        out, now = [], time.time()
         for uid, _, response in items:
             if self.failures_left.get(uid, 0) > 0:
                 self.failures_left[uid] -= 1
-                out.append((uid, RewardCell(RewardResult(0.0, status=Status.INFRA_ERROR), 0.0)))
+                result = RewardResult(0.0, status=Status.INFRA_ERROR)
             else:
-                out.append((uid, RewardCell(RewardResult(float(int(response) % 2 == 0)), 0.0)))
+                result = RewardResult(float(int(response) % 2 == 0))
+            out.append(Scored(uid, RewardCell(result, 0.0), now, time.time()))
         return out
+
+
+class FakeTrainer:
+    """Records every batch with the version it was trained at, bumps ``policy.version``; publishes nothing.
+    ``seconds``: how long a step takes (busy wait, so the step's span is never empty)."""
+
+    def __init__(self, policy: Policy, seconds: float = 0.0) -> None:
+        self.policy, self.seconds = policy, seconds
+        self.steps: list[tuple[int, list[list]]] = []  # (version trained at, groups)
+
+    def train(self, groups) -> TrainResult:
+        started = time.time()
+        self.steps.append((self.policy.version, groups))
+        while time.time() - started < self.seconds:
+            pass
+        self.policy.version += 1
+        publish_started = time.time()
+        return TrainResult({"loss": 0.0}, self.policy.version, started, time.time(), publish_started)
 
 
 def problems():
@@ -58,82 +102,263 @@ def problems():
         yield Problem(f"{i % 10}+{i % 7}=", str(i % 10 + i % 7))
 
 
-def make_controller(tokenizer, reward: FakeReward, eta: int = 0, max_retries: int = 2, rollout_workers: int = 1):
-    rollouts = [FakeRollout(tokenizer) for _ in range(rollout_workers)]
+def make_controller(tokenizer, reward=None, trainer=None, eta=0, max_retries=2, rollout_workers=1,
+                    generate_batch=B, rollout_errors=None, policy=None):
+    policy = policy or Policy()
+    rollouts = [FakeRollout(tokenizer, policy, (rollout_errors or {}).get(i)) for i in range(rollout_workers)]
+    reward = reward or FakeReward()
+    trainer = trainer or FakeTrainer(policy)
     controller = Controller(
         SampleStore(),
-        StalenessBudget(eta, P * N),
+        StalenessBudget(eta, B),
         WorkerGroup("rollout", rollouts),
         WorkerGroup("reward", [reward]),
+        WorkerGroup("trainer", [trainer]),
         problems(),
         lambda text: [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)],
         group_size=N,
+        groups_per_step=P,
+        generate_batch=generate_batch,
+        version=policy.version,
         max_retries=max_retries,
     )
-    return controller, rollouts
+    return controller, rollouts, reward, trainer
 
 
-def test_admit_respects_the_staleness_budget(tokenizer):
-    controller, _ = make_controller(tokenizer, FakeReward(), eta=0)
-    assert controller.admit(version=0) == P * N
-    assert controller.admit(version=0) == 0  # η = 0: nothing more until the trainer steps
-    assert controller.store.counts() == {"in_flight": P * N, "ready": 0, "consumed": 0}
-    assert controller.admit(version=1) == P * N
-
-    controller, _ = make_controller(tokenizer, FakeReward(), eta=2)
-    assert controller.admit(version=0) == 3 * P * N
+def trained_rows(results: list[StepResult]) -> dict[int, object]:
+    return {r.uid: r for res in results for g in res.groups for r in g}
 
 
-def test_produce_fills_the_store_and_retries_an_infra_error_once(tokenizer):
+# -- the loop ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("eta", [0, 2])
+def test_run_trains_exactly_steps_steps_on_whole_groups(tokenizer, eta):
+    steps = 4
+    controller, [rollout], _, trainer = make_controller(tokenizer, eta=eta)
+    results = list(controller.run(steps))
+
+    assert [r.step for r in results] == [1, 2, 3, 4]
+    assert [r.train.version for r in results] == [1, 2, 3, 4]
+    assert len(trainer.steps) == steps
+    for res, (_, groups) in zip(results, trainer.steps):
+        assert res.groups is groups  # the yielded groups are the ones trained on
+        assert len(groups) == P and all(len(g) == N for g in groups)
+        assert all(len({r.group_id for r in g}) == 1 for g in groups)  # whole groups, never mixed
+        assert all(r.reward is not None and r.generation is not None for g in groups for r in g)
+        assert {"store/admitted", "queue/trainer_wait_s"} <= set(res.metrics)
+    uids = [r.uid for res in results for g in res.groups for r in g]
+    assert len(uids) == len(set(uids)) == steps * B  # none consumed twice, none lost
+    assert sorted(uids) == list(range(steps * B))
+    assert controller.budget.admitted == steps * B  # exactly steps batches admitted, never more
+    assert sorted(rollout.generated) == list(range(steps * B))  # nothing generated that was not trained
+    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": steps * B}
+    assert controller.version == steps and controller.infra_retries == 0
+
+
+def test_rows_carry_prompt_response_and_reward(tokenizer):
+    controller, *_ = make_controller(tokenizer)
+    [result] = controller.run(1)
+    assert [[r.uid for r in g] for g in result.groups] == [[0, 1, 2], [3, 4, 5]]
+    assert [g[0].group_id for g in result.groups] == [0, 1]
+    assert [g[0].prompt.problem.prompt for g in result.groups] == ["0+0=", "1+1="]
+    rows = trained_rows([result])
+    assert [rows[u].generation.response_text for u in range(B)] == ["0", "1", "2", "3", "4", "5"]
+    assert [rows[u].reward.result.reward for u in range(B)] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert isinstance(rows[0].generation.payload, Generation)  # inline: the payload is the Generation itself
+    assert {"admitted", "started", "generated", "finished", "consumed"} <= set(rows[0].timestamps)
+
+
+# -- staleness ---------------------------------------------------------------------------------------------------------
+def lags(trainer: FakeTrainer) -> list[int]:
+    return [v - r.generation.version for v, groups in trainer.steps for g in groups for r in g]
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2, 3])
+def test_admission_respects_the_staleness_budget(tokenizer, eta):
+    steps = 6
+    controller, *_ = make_controller(tokenizer, eta=eta, generate_batch=4 * B)
+    admitted = [r.metrics["store/admitted"] for r in controller.run(steps)]
+    # When step s is trained (at version s - 1) at most (s - 1 + η + 1)·B samples were admitted: η = 0 admits a
+    # batch only once the previous one is trained; never more than steps·B in all.
+    assert admitted == [min(s + eta, steps) * B for s in range(1, steps + 1)]
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2, 3])
+def test_no_trained_row_is_more_than_eta_versions_stale(tokenizer, eta):
+    controller, _, _, trainer = make_controller(tokenizer, eta=eta, generate_batch=4 * B)
+    results = list(controller.run(6))
+    assert len(results) == 6
+    observed = lags(trainer)
+    assert len(observed) == 6 * B
+    assert min(observed) >= 0 and max(observed) <= eta
+    # The budget is used: rows generated ahead of the trainer are up to eta versions old when trained.
+    assert max(observed) == eta
+
+
+@pytest.mark.parametrize("eta", [0, 1, 2, 3])
+@pytest.mark.parametrize("flaky", [{0}, {1, 4}, {3, 4, 5, 6}, {0, 7, 13, 20}])
+def test_due_rule_keeps_lag_within_eta_when_groups_complete_out_of_order(tokenizer, eta, flaky):
+    # An infra_error sends a row back to be generated again, so its group completes after younger groups.
+    reward = FakeReward(flaky=flaky, times=1)
+    controller, _, _, trainer = make_controller(tokenizer, reward, eta=eta, generate_batch=4 * B)
+    results = list(controller.run(5))
+    assert len(results) == 5
+    assert controller.infra_retries == len(flaky)
+    assert max(lags(trainer)) <= eta
+    assert all(r.status is Status.OK for r in trained_rows(results).values())
+    order = [g[0].group_id for _, groups in trainer.steps for g in groups]
+    assert sorted(order) == list(range(5 * P))
+    if eta > 0:
+        assert order != sorted(order)  # younger groups did overtake the delayed one: the rule was exercised
+
+
+def test_late_group_is_trained_the_step_it_falls_due(tokenizer):
+    # η = 1: group 0 (uid 0 fails once) completes after groups 1 and 2, which go first at version 0. At version 1
+    # group 0 is due (admitted at 0, 0 + η <= 1) and goes ahead of the complete groups 3, 4 and 5 ...
+    controller, _, _, trainer = make_controller(tokenizer, FakeReward(flaky={0}), eta=1, generate_batch=4 * B)
+    list(controller.run(3))
+    assert [[g[0].group_id for g in groups] for _, groups in trainer.steps] == [[1, 2], [0, 3], [4, 5]]
+    assert [v for v, _ in trainer.steps] == [0, 1, 2]
+    assert max(lags(trainer)) == 1  # ... and its rows generated at version 0 are trained exactly η behind
+
+
+def test_many_late_groups_do_not_stop_the_run(tokenizer):
+    # η = 2, one row of groups 0, 2 and 4 fails twice. Taking only "due" groups first would train 1, 3, 5 early
+    # and leave three groups due at version 2, one more than a step takes; earliest-deadline-first scheduling
+    # takes a late group early enough instead.
+    reward = FakeReward(flaky={0, 6, 12}, times=2)
+    controller, _, _, trainer = make_controller(tokenizer, reward, eta=2, generate_batch=B)
+    assert len(list(controller.run(6))) == 6
+    assert max(lags(trainer)) <= 2
+
+
+# -- infrastructure faults --------------------------------------------------------------------------------------------
+def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
     flaky = 4
-    controller, [rollout] = make_controller(tokenizer, FakeReward(flaky={flaky}, times=1))
-    controller.admit(version=0)
-    times = controller.produce()
+    reward = FakeReward(flaky={flaky}, times=1)
+    controller, [rollout], _, _ = make_controller(tokenizer, reward)
+    [result] = controller.run(1)
 
-    assert set(times) == {"generate", "reward"}
     assert controller.infra_retries == 1
     assert sorted(rollout.generated) == [0, 1, 2, 3, 4, 4, 5]  # only the faulty row is generated again
-    assert controller.store.counts() == {"in_flight": 0, "ready": P * N, "consumed": 0}
-    assert controller.store.pending(GENERATION) == [] and controller.store.pending(REWARD) == []
-
-    groups = controller.next_batch(P, timeout=0)
-    assert [[r.uid for r in g] for g in groups] == [[0, 1, 2], [3, 4, 5]]
-    assert [g[0].group_id for g in groups] == [0, 1]
-    assert [g[0].prompt.problem.prompt for g in groups] == ["0+0=", "1+1="]
-    rows = {r.uid: r for g in groups for r in g}
+    assert sum(call.count(flaky) for call in reward.calls) == 2
+    rows = trained_rows([result])
     assert rows[flaky].status is Status.OK
     assert rows[flaky].reward.result.reward == 1.0  # "4" is even
     assert [rows[u].reward.result.reward for u in (0, 1, 2, 3, 5)] == [1.0, 0.0, 1.0, 0.0, 0.0]
-    assert controller.store.counts()["consumed"] == P * N
-
-
-def test_rollout_split_across_workers(tokenizer):
-    controller, rollouts = make_controller(tokenizer, FakeReward(), rollout_workers=2)
-    controller.admit(version=0)
-    controller.produce()
-    assert [r.generated for r in rollouts] == [[0, 1, 2], [3, 4, 5]]
-    assert len(controller.next_batch(P, timeout=0)) == P
+    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": B}
 
 
 def test_row_failing_every_time_ends_as_infra_error(tokenizer):
     flaky = 1
-    controller, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=2)
-    controller.admit(version=0)
-    controller.produce()
+    controller, [rollout], _, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=2)
+    [result] = controller.run(1)
     assert controller.infra_retries == 2
-    rows = {r.uid: r for g in controller.next_batch(P, timeout=0) for r in g}
+    rows = trained_rows([result])
     assert rows[flaky].status is Status.INFRA_ERROR
     assert all(r.status is Status.OK for u, r in rows.items() if u != flaky)
+    assert rollout.generated.count(flaky) == 3  # the first attempt and 2 retries, never again after that
 
 
-def test_exhausted_row_is_not_generated_again(tokenizer):
-    flaky = 1
-    controller, [rollout] = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=2)
-    controller.admit(version=0)
-    controller.produce()
-    assert rollout.generated.count(flaky) == 3  # the first attempt and 2 retries
+@pytest.mark.parametrize("role", ["rollout", "reward"])
+def test_lost_worker_rows_are_produced_again(tokenizer, role):
+    lost = WorkerLost(f"{role}/0: actor died")
+    reward = FakeReward(errors=[lost] if role == "reward" else None)
+    controller, [rollout], reward, trainer = make_controller(
+        tokenizer, reward, rollout_errors={0: [lost]} if role == "rollout" else None)
+    results = list(controller.run(2))
+
+    assert len(results) == 2
+    first = (rollout.calls if role == "rollout" else reward.calls)[0]
+    assert first == ([0, 1, 2, 3, 4, 5] if role == "rollout" else [0, 1, 2])  # rewards are scored a group a call
+    assert controller.infra_retries == len(first)  # every row of the lost call, once
+    assert sorted(rollout.generated) == sorted([*range(2 * B), *(first if role == "reward" else [])])
+    assert sorted(trained_rows(results)) == list(range(2 * B))
+    assert all(r.status is Status.OK for r in trained_rows(results).values())
 
 
+def test_worker_lost_more_than_max_retries_stops_the_run(tokenizer):
+    errors = [WorkerLost("rollout/0: actor died"), WorkerLost("rollout/0: actor died again")]
+    controller, *_ = make_controller(tokenizer, max_retries=1, rollout_errors={0: errors})
+    with pytest.raises(WorkerLost, match="died again"):
+        list(controller.run(1))
+    assert controller.infra_retries == B  # the first loss was retried
+
+
+@pytest.mark.parametrize("role", ["rollout", "reward"])
+def test_a_plain_error_stops_the_run_with_that_error(tokenizer, role):
+    error = ValueError(f"{role} bug: bad input")
+    reward = FakeReward(errors=[error] if role == "reward" else None)
+    rollout_errors = {0: [error]} if role == "rollout" else None
+    controller, *_, trainer = make_controller(tokenizer, reward, rollout_errors=rollout_errors)
+    with pytest.raises(ValueError, match=f"{role} bug: bad input"):
+        list(controller.run(1))
+    assert controller.infra_retries == 0 and trainer.steps == []
+
+
+# -- load balancing ---------------------------------------------------------------------------------------------------
+def test_rollout_split_evenly_across_idle_workers(tokenizer):
+    controller, rollouts, *_ = make_controller(tokenizer, rollout_workers=2, generate_batch=B)
+    [result] = controller.run(1)
+    assert [r.calls for r in rollouts] == [[[0, 1, 2]], [[3, 4, 5]]]  # one group each, not 2 groups on worker 0
+    assert len(result.groups) == P
+
+
+@pytest.mark.parametrize("generate_batch", [2, N, 2 * N])
+def test_every_rollout_call_holds_whole_groups(tokenizer, generate_batch):
+    steps = 4
+    controller, rollouts, *_ = make_controller(tokenizer, eta=1, rollout_workers=2, generate_batch=generate_batch)
+    results = list(controller.run(steps))
+    group_of = {u: r.group_id for u, r in trained_rows(results).items()}
+    members: dict[int, set[int]] = {}
+    for u, g in group_of.items():
+        members.setdefault(g, set()).add(u)
+    assert all(r.calls for r in rollouts)  # both workers were used
+    for call in (c for r in rollouts for c in r.calls):
+        assert len(call) <= max(generate_batch, N)  # a group is never cut, even below generate_batch
+        groups = {group_of[u] for u in call}
+        assert set(call) == set().union(*(members[g] for g in groups))
+    assert sorted(u for r in rollouts for u in r.generated) == list(range(steps * B))
+
+
+# -- pipeline accounting ----------------------------------------------------------------------------------------------
+def test_union_seconds_by_hand():
+    assert union_seconds([]) == 0.0
+    assert union_seconds([(1.0, 3.0)]) == 2.0
+    assert union_seconds([(0.0, 1.0), (2.0, 3.5)]) == 2.5  # disjoint: summed
+    assert union_seconds([(0.0, 2.0), (1.0, 3.0)]) == 3.0  # overlapping: [0, 3)
+    assert union_seconds([(0.0, 5.0), (1.0, 2.0)]) == 5.0  # nested: the inner one adds nothing
+    assert union_seconds([(0.0, 1.0), (1.0, 2.0)]) == 2.0  # touching
+    assert union_seconds([(4.0, 6.0), (0.0, 1.0), (0.5, 2.0), (5.0, 5.5)]) == 4.0  # unsorted: [0, 2) + [4, 6)
+    assert union_seconds([(1.0, 1.0), (3.0, 3.0)]) == 0.0  # empty spans
+
+
+def test_pipeline_summary(tokenizer):
+    policy = Policy()
+    trainer = FakeTrainer(policy, seconds=0.002)
+    controller, *_ = make_controller(tokenizer, trainer=trainer, eta=1, policy=policy, rollout_workers=2,
+                                     generate_batch=N)
+    controller.tracer.enabled = True
+    list(controller.run(3))
+    summary = controller.pipeline_summary()
+
+    assert set(summary) == {"pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds",
+                            "trainer_busy_fraction", "pipeline_efficiency"}
+    assert 0 < summary["trainer_busy_fraction"] <= 1
+    assert 0 < summary["pipeline_efficiency"] <= 1 + 1e-9
+    assert summary["producer_busy_seconds"] <= summary["pipeline_seconds"] + 1e-9
+    train_spans = controller.spans["train"]
+    assert len(train_spans) == 3
+    # Inline steps never overlap: the trainer's busy time is the sum of its steps, each at least 2 ms long.
+    assert summary["trainer_busy_seconds"] == pytest.approx(sum(e - s for s, e in train_spans))
+    assert summary["trainer_busy_seconds"] >= 3 * 0.002
+    busy, wall = summary["trainer_busy_seconds"], summary["pipeline_seconds"]
+    assert summary["trainer_busy_fraction"] == pytest.approx(busy / wall)
+    # The trace's trainer track covers the same time (train step + publish weights).
+    assert controller.tracer.busy_seconds("trainer", {"train step", "publish weights"}) == pytest.approx(
+        summary["trainer_busy_seconds"])
+
+
+# -- the real trainer on the controller's batches ---------------------------------------------------------------------
 class Spy:
     """Wraps a training engine and keeps every batch handed to ``train_step``."""
 
@@ -169,37 +394,36 @@ def make_trainer(tokenizer, model):
 
 def test_trainer_masks_infra_error_rows(tokenizer, make_model):
     flaky = 1
-    controller, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=1)
-    controller.admit(version=0)
-    controller.produce()
-    groups = controller.next_batch(P, timeout=0)
     trainer, engine, transport = make_trainer(tokenizer, make_model())
-
-    metrics = trainer.train(groups)
+    controller, *_ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), trainer=trainer, max_retries=1)
+    [result] = controller.run(1)
 
     [batch] = engine.batches
-    uids = [r.uid for g in groups for r in g]
+    uids = [r.uid for g in result.groups for r in g]
     i = uids.index(flaky)
+    assert result.groups[0][1].status is Status.INFRA_ERROR
     assert batch.response_mask[i].sum() == 0  # masked: no loss from the infra_error row
     assert batch.advantages[i].abs().sum() == 0
     assert all(batch.response_mask[j].sum() == 2 for j in range(len(uids)) if j != i)  # digit + EOS
+    metrics = result.train.metrics
     assert torch.isfinite(torch.tensor(list(metrics.values()))).all()
     assert metrics["staleness/max"] == 0.0
-    assert engine.version == 1
-    assert transport.latest().version == 1  # the new version was published
+    assert result.train.version == engine.version == controller.version == 1
+    assert transport.latest(newer_than=0).version == 1  # the new version was published
 
 
 def test_infra_error_row_takes_no_part_in_group_statistics(tokenizer, make_model):
     flaky = 2
-    controller, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=0)
-    controller.admit(version=0)
-    controller.produce()
-    groups = controller.next_batch(P, timeout=0)
-    # group 0 usable rewards: uid 0 → 1.0, uid 1 → 0.0; group 1: uids 3, 4, 5 → 0.0, 1.0, 0.0
     trainer, engine, _ = make_trainer(tokenizer, make_model())
-    trainer.train(groups)
+    controller, *_ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), trainer=trainer, max_retries=0)
+    [result] = controller.run(1)
+    assert controller.infra_retries == 0  # max_retries=0: kept as infra_error at once
+    # group 0 usable rewards: uid 0 → 1.0, uid 1 → 0.0; group 1: uids 3, 4, 5 → 0.0, 1.0, 0.0
     [batch] = engine.batches
     per_row = batch.advantages.max(dim=1).values + batch.advantages.min(dim=1).values  # the row's constant, once
     # group 0's usable rows alone, (1, 0): mean 0.5, unbiased std √0.5 → ±0.7071.
     # (Filling the infra row with the batch's usable mean 2/5 = 0.4 gives (1, 0, 0.4) → +1.0596 / -0.9272 instead.)
     assert per_row[:2].tolist() == pytest.approx([0.5 / 0.5**0.5, -0.5 / 0.5**0.5], abs=1e-4)
+    assert per_row[2].item() == 0.0
+    # group 1, all usable, (0, 1, 0): mean 1/3, std 1/√3 → (-1/√3, 2/√3, -1/√3).
+    assert per_row[3:].tolist() == pytest.approx([-(3**-0.5), 2 * 3**-0.5, -(3**-0.5)], abs=1e-4)

@@ -3,25 +3,35 @@ import threading
 
 import pytest
 
-from rollflow.api import GENERATION, PROMPT, REWARD, Generation, Problem, PromptCell, RewardCell, RewardResult
+from rollflow.api import (
+    GENERATION,
+    PROMPT,
+    REWARD,
+    Generation,
+    GenerationCell,
+    Problem,
+    PromptCell,
+    RewardCell,
+    RewardResult,
+)
 from rollflow.runtime.store import SampleStore, StoreError
 
 
-def gen(tag="x"):
-    return Generation([1, 2], tag, [-0.5, -0.25], [0, 0], "eos")
+def gen(tag="x", version=0):
+    return GenerationCell.of(Generation([1, 2], tag, [-0.5, -0.25], [version, version], "eos"))
 
 
 def reward(value=1.0):
     return RewardCell(RewardResult(value), 0.01)
 
 
-def admit_group(store, group_id, n):
-    return store.admit([PromptCell(group_id, Problem(f"p{group_id}", "a"), [1, 5])] * n)
+def admit_group(store, group_id, n, version=0):
+    return store.admit([PromptCell(group_id, Problem(f"p{group_id}", "a"), [1, 5])] * n, version=version)
 
 
-def fill(store, uids):
+def fill(store, uids, version=0):
     for uid in uids:
-        store.put(uid, GENERATION, gen(str(uid)), started=1.0)
+        store.put(uid, GENERATION, gen(str(uid), version), started=1.0)
         store.put(uid, REWARD, reward(), finished=2.5)
 
 
@@ -165,3 +175,105 @@ def test_concurrent_producers_and_consumers_lose_nothing():
     assert sorted(consumed) == uids  # ... and none lost
     assert store.counts() == {"in_flight": 0, "ready": 0, "consumed": 400}
     assert store.consumed_total == 400
+
+
+# -- the due-group rule: try_take_groups(k, version, eta) --------------------------------------------------------------
+def gids(groups):
+    return [g[0].group_id for g in groups]
+
+
+def test_incomplete_due_group_holds_the_batch_back():
+    store = SampleStore()
+    late = admit_group(store, 0, 2, version=0)
+    fresh = [admit_group(store, g, 2, version=1) for g in (1, 2, 3)]
+    for uids in fresh:
+        fill(store, uids, version=1)
+    store.put(late[0], GENERATION, gen("late", version=0))
+    # version 1, η = 1: group 0 (rows at version 0) is due, 0 + 1 <= 1; trained later it would be 2 behind. Three
+    # other groups are complete, more than k = 2, but the trainer must wait for group 0.
+    assert store.try_take_groups(2, version=1, eta=1) is None
+    with pytest.raises(TimeoutError):
+        store.take_groups(2, timeout=0, version=1, eta=1)
+    assert store.counts() == {"in_flight": 2, "ready": 6, "consumed": 0}  # nothing taken by the failed attempts
+    assert gids(store.take_groups(2, timeout=0)) == [1, 2]  # without version/eta: simply the oldest complete
+
+
+def test_due_group_goes_first_then_the_oldest_other_complete_groups():
+    store = SampleStore()
+    late = admit_group(store, 0, 2, version=0)
+    fresh = [admit_group(store, g, 2, version=1) for g in (1, 2, 3)]
+    fill(store, fresh[2], version=1)  # group 3 completes first, then 0, then 2; group 1 never
+    fill(store, late, version=0)
+    fill(store, fresh[1], version=1)
+    assert gids(store.try_take_groups(2, version=1, eta=1)) == [0, 2]
+    assert store.try_take_groups(2, version=1, eta=1) is None  # only group 3 left complete, and nothing due
+    assert gids(store.try_take_groups(1, version=1, eta=1)) == [3]
+
+
+def test_due_group_is_taken_ahead_of_an_older_complete_group():
+    store = SampleStore()
+    older = admit_group(store, 0, 1, version=0)
+    younger = admit_group(store, 1, 1, version=0)
+    fill(store, older, version=2)  # regenerated, say, at version 2: not due at version 2 with η = 2
+    fill(store, younger, version=0)  # its tokens are from version 0: due at version 2 (0 + 2 <= 2)
+    assert gids(store.try_take_groups(1, version=2, eta=2)) == [1]
+    assert gids(store.try_take_groups(1, version=2, eta=2)) == [0]
+
+
+def test_nothing_due_takes_the_oldest_complete_groups_in_admission_order():
+    store = SampleStore()
+    groups = [admit_group(store, g, 2, version=0) for g in range(4)]
+    for g in (3, 2, 0):  # completed newest first; group 1 never
+        fill(store, groups[g], version=0)
+    assert store.try_take_groups(4, version=0, eta=0 + 3) is None  # only 3 complete
+    assert gids(store.try_take_groups(2, version=0, eta=3)) == [0, 2]
+    assert gids(store.try_take_groups(1, version=0, eta=3)) == [3]
+
+
+def test_version_lower_bound_rises_with_the_generation_and_resets_on_retry():
+    store = SampleStore()
+    [row] = admit_group(store, 0, 1, version=0)
+    fill(store, admit_group(store, 1, 1, version=2), version=2)
+    # Row 0's bound is its admission version, 0: due at version 2 with η = 1, and incomplete.
+    assert store.try_take_groups(1, version=2, eta=1) is None
+    store.put(row, GENERATION, gen(version=2))  # its tokens are from version 2: bound 2, no longer due
+    assert gids(store.try_take_groups(1, version=2, eta=1)) == [1]
+    store.retry(row)  # back to the admission version: due again
+    assert store.try_take_groups(1, version=2, eta=1) is None
+    store.put(row, GENERATION, gen(version=1))  # bound 1: 1 + 1 <= 2, still due
+    assert store.try_take_groups(1, version=2, eta=1) is None
+    store.put(row, REWARD, reward())
+    assert gids(store.try_take_groups(1, version=2, eta=1)) == [0]
+
+
+def test_more_due_groups_than_a_step_takes_is_an_error():
+    store = SampleStore()
+    for g in range(3):
+        fill(store, admit_group(store, g, 1, version=0), version=0)
+    with pytest.raises(StoreError, match=r"3 groups must be trained at version 1 but a step takes 2; admission exceeded the "
+                                         r"staleness budget"):
+        store.try_take_groups(2, version=1, eta=1)
+    with pytest.raises(StoreError, match="staleness budget"):
+        store.take_groups(2, timeout=0, version=1, eta=1)
+    assert gids(store.try_take_groups(3, version=1, eta=1)) == [0, 1, 2]  # nothing was consumed by the errors
+
+
+def test_blocking_take_with_version_times_out():
+    store = SampleStore()
+    admit_group(store, 0, 1, version=0)
+    fill(store, admit_group(store, 1, 1, version=1), version=1)
+    with pytest.raises(TimeoutError, match=r"only 1 of 1 groups became complete within 0s"):
+        store.take_groups(1, timeout=0, version=1, eta=1)  # group 0 is due and incomplete
+    assert gids(store.take_groups(1, timeout=0, version=1, eta=2)) == [1]  # η = 2: nothing due
+
+
+def test_blocking_take_wakes_when_the_due_group_completes():
+    store = SampleStore()
+    late = admit_group(store, 0, 1, version=0)
+    fill(store, admit_group(store, 1, 1, version=1), version=1)
+    timer = threading.Timer(0.05, fill, (store, late))
+    timer.start()
+    try:
+        assert gids(store.take_groups(1, timeout=5, version=1, eta=1)) == [0]
+    finally:
+        timer.join()

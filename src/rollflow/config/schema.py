@@ -173,6 +173,15 @@ class AlgoConfig(Section):
         return self
 
 
+class RewardLatencyConfig(Section):
+    median: float = Field(0.0, ge=0.0)
+    """Median seconds each reward takes (log-normal), as running generated code would; 0 = rewards are instant."""
+    sigma: float = Field(0.75, gt=0.0)
+    """Log-normal shape: 0.75 puts the 99.9th percentile near 10× the median."""
+    max: float = Field(2.0, gt=0.0)
+    """Longest a single reward may take, in seconds."""
+
+
 class EvalConfig(Section):
     every: int = Field(20, ge=0)
     """Greedy held-out accuracy every this many RL steps (0: only at start, after SFT and at the end)."""
@@ -195,6 +204,9 @@ class RewardRoleConfig(RoleConfig):
     """CPUs Ray reserves for each reward worker (0: rule-based rewards and sandboxes mostly wait)."""
     concurrency: int = Field(64, ge=1)
     """Samples each reward worker scores at once (threads): slow rewards, e.g. running code, overlap."""
+    groups_per_call: int = Field(8, ge=1)
+    """Groups per reward call: 1 lets every group finish on its own (best when rewards are slow and variable);
+    more saves per-call overhead when rewards are instant."""
 
 
 class RuntimeConfig(Section):
@@ -249,6 +261,8 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    reward_latency: RewardLatencyConfig = Field(default_factory=RewardLatencyConfig)
+    """Simulated reward duration (training rewards only), for studying slow verifiers."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @property

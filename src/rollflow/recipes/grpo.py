@@ -35,6 +35,7 @@ from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
 from rollflow.runtime.tracking import Tracker
 from rollflow.tasks import build_task
+from rollflow.tasks.latency import with_reward_latency
 from rollflow.tasks.reward_fn import call_reward_fn
 
 
@@ -176,6 +177,8 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     task = task or build_task(config.task, config.seed)
     if reward_fn is not None:
         task = with_reward_fn(task, reward_fn)
+    lat = config.reward_latency
+    train_task = with_reward_latency(task, lat.median, lat.sigma, lat.max, config.seed) if lat.median > 0 else task
     model, tokenizer = build_model(config, task)
     tokens = Tokens(tokenizer)
     r, t, rt = config.rollout, config.train, config.runtime
@@ -184,7 +187,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
 
     backend = make_backend(rt)
     try:
-        rollout, reward, trainer = spawn_workers(backend, config, task, model, tokenizer)
+        rollout, reward, trainer = spawn_workers(backend, config, train_task, model, tokenizer)
 
         def publish_and_eval() -> float:
             trainer.publish()
@@ -207,6 +210,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             controller = Controller(
                 store, budget, rollout, reward, trainer, task.train_problems(config.seed), tokens.prompt,
                 group_size=r.samples_per_prompt, groups_per_step=r.prompts_per_step, generate_batch=rt.generate_batch,
+                reward_groups=rt.reward.groups_per_call,
                 version=trainer.version(), max_retries=rt.max_retries, tracer=tracer,
             )
             acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
@@ -255,8 +259,8 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "backend": rt.backend,
                 "staleness": rt.staleness,
                 "wall_seconds": time.perf_counter() - t_start,
-                "rl_seconds": rl_seconds,
-                "samples_per_second": t.steps * config.samples_per_step / rl_seconds if t.steps else 0.0,
+                "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
+                "samples_per_second": t.steps * config.samples_per_step / controller.pipeline_summary()["pipeline_seconds"] if t.steps else 0.0,
                 "infra_retries": controller.infra_retries,
                 **(controller.pipeline_summary() if t.steps else {}),
             }

@@ -73,6 +73,7 @@ class Controller:
         group_size: int,
         groups_per_step: int,
         generate_batch: int,
+        reward_groups: int = 1,
         version: int = 0,
         max_retries: int = 2,
         tracer: Tracer | None = None,
@@ -83,6 +84,7 @@ class Controller:
         self.problems, self.encode = problems, encode
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.generate_groups = max(1, generate_batch // group_size)
+        self.reward_groups = reward_groups  # groups per reward call
         self.version0 = self.version = version  # trainer version when RL starts / now
         self.max_retries = max_retries
         self.tracer = tracer or Tracer(enabled=False)
@@ -126,11 +128,12 @@ class Controller:
                     trained += 1
                     self.version = result.version
                     self.spans["train"].append((result.started, result.finished))
+                    if trained == steps:
+                        self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
                     self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
                     self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
                     yield self._step_result(trained, result, last_step_end)
                     last_step_end = result.finished
-        self.finished = time.time()
 
     def _admit(self, total: int) -> None:
         rl_version = self.version - self.version0
@@ -157,7 +160,9 @@ class Controller:
             self._rollout_busy.add(i)
 
     def _dispatch_rewards(self) -> None:
-        for uids in self._by_group([u for u in self.store.pending(REWARD) if u not in self._claimed]):
+        groups = self._by_group([u for u in self.store.pending(REWARD) if u not in self._claimed])
+        for k in range(0, len(groups), self.reward_groups):
+            uids = [u for g in groups[k : k + self.reward_groups] for u in g]
             i = min(range(len(self.reward)), key=self._reward_load.__getitem__)
             items = [(u, self.store.get(u, PROMPT).problem, self.store.get(u, GENERATION).response_text) for u in uids]
             self._submit(self.reward, i, "score", _Call("reward", i, uids), items)

@@ -103,10 +103,13 @@ class SampleStore:
     def try_take_groups(self, k: int, version: int, eta: int) -> list[list[SampleRow]] | None:
         """The next batch for a trainer at ``version`` under bound ``eta``, or None if it cannot be formed yet.
 
-        A group is *due* when some row's version lower bound ``m`` has ``m + eta <= version``: trained any later, a
-        token of it would be more than ``eta`` versions behind. The batch is every due group (all must be
-        complete, so the trainer waits for a slow due group rather than let it go stale) plus the oldest other
-        complete groups up to ``k``. The admission budget guarantees at most ``k`` groups are ever due at once."""
+        A group's *deadline* is ``m + eta`` with ``m`` the lowest version any of its tokens has or will have:
+        trained any later, a token of it would be more than ``eta`` versions behind. Taking a young group ahead of an
+        older unfinished one uses up a step the older one may need, so the batch first takes the groups that
+        earliest-deadline-first scheduling says cannot wait (all groups past their deadline, and enough of the
+        next ones that each later step still has room for what is due by then). Those must be complete: the
+        trainer waits for a slow one rather than let it go stale. The rest of the batch is the oldest other complete
+        groups. The admission budget guarantees that no more than ``k`` groups are ever forced into one step."""
         with self._cond:
             chosen = self._choose(k, version, eta)
             return None if chosen is None else self._consume(chosen)
@@ -115,14 +118,25 @@ class SampleStore:
         ready = self._ready()
         if version is None or eta is None:
             return ready[:k] if len(ready) >= k else None
-        due = [g for g, uids in self._groups.items() if min(self._rows[u].version for u in uids) + eta <= version]
-        if len(due) > k:
-            raise StoreError(f"{len(due)} groups are due at version {version} but a step takes {k}; admission exceeded the staleness budget")
-        ready_set = set(ready)
-        if any(g not in ready_set for g in due) or len(ready) < k:
-            return None
-        due_set = set(due)
-        return due + [g for g in ready if g not in due_set][: k - len(due)]
+        # Deadline of a group: the last version that may train it. Steps v, v+1, … each take k groups, so the
+        # groups with deadline ≤ v + j must fit in j + 1 steps (earliest-deadline-first feasibility). This step must
+        # therefore take the `need` earliest-deadline groups (complete ones first among equal deadlines).
+        complete = set(ready)
+        position = {g: i for i, g in enumerate(self._groups)}
+        deadline = {g: min(self._rows[u].version for u in uids) + eta for g, uids in self._groups.items()}
+        order = sorted(self._groups, key=lambda g: (deadline[g], g not in complete, position[g]))
+        need = 0
+        for count, g in enumerate(order, 1):
+            need = max(need, count - k * max(0, deadline[g] - version))
+        if need > k:
+            raise StoreError(f"{need} groups must be trained at version {version} but a step takes {k}; admission "
+                             f"exceeded the staleness budget")
+        mandatory = order[:need]
+        if any(g not in complete for g in mandatory):
+            return None  # wait for a group that would otherwise go too stale
+        chosen = set(mandatory)
+        rest = [g for g in ready if g not in chosen]
+        return mandatory + rest[: k - need] if need + len(rest) >= k else None
 
     def _consume(self, gids: list[int]) -> list[list[SampleRow]]:
         now, out = time.time(), []
