@@ -38,7 +38,7 @@ ASYNC = ["runtime.placement=separate", f"runtime.rollout.torch_threads={max(1, C
          f"runtime.trainer.torch_threads={max(1, CORES - CORES // 2)}"]
 SCENARIOS = {
     "a": [],
-    "b": ["reward_latency.median=0.2", "reward_latency.sigma=0.75", "reward_latency.max=2.0"],
+    "b": ["reward_latency.median=0.2", "reward_latency.sigma=0.75", "reward_latency.max=2.0", "runtime.reward.groups_per_call=1"],
 }
 KEYS = ("samples_per_second", "trainer_busy_fraction", "pipeline_efficiency", "accuracy_final",
         "pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds")
@@ -49,20 +49,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs: the whole benchmark in under 3 minutes")
     parser.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
-    parser.add_argument("--steps", type=int, help="RL steps per run (default: 12 quick, 60 full)")
+    parser.add_argument("--steps", type=int, help="RL steps per run (default: 8 quick, 40 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    steps = args.steps or (12 if args.quick else 60)
+    steps = args.steps or (8 if args.quick else 40)
     root = Path("runs/bench_async")
     common = [*args.overrides, "progress=false", "eval.every=0", "runtime.backend=ray"]
     if args.quick:
-        common += ["task.eval_size=200"]
+        common += ["task.eval_size=100"]
 
     started = time.perf_counter()
     ray.init(num_cpus=CORES, include_dashboard=False)  # one Ray for every run: each run joins it
     sft = rollflow.train(rollflow.load_config(overrides=[
-        *common, "train.steps=0", f"run_dir={root}/sft", *(["sft.steps=300"] if args.quick else []),
+        *common, "train.steps=0", f"run_dir={root}/sft", *(["sft.steps=100"] if args.quick else []),
     ]))
     print(f"SFT checkpoint: accuracy {sft.summary['accuracy_after_sft']:.3f} ({sft.summary['wall_seconds']:.0f} s)")
 

@@ -87,7 +87,7 @@ class Controller:
         self.reward_groups = reward_groups  # groups per reward call
         self.version0 = self.version = version  # trainer version when RL starts / now
         self.max_retries = max_retries
-        self.tracer = tracer or Tracer(enabled=False)
+        self.tracer = tracer if tracer is not None else Tracer(enabled=False)  # an empty Tracer is falsy (len 0)
         self.infra_retries = 0
         self.spans: dict[str, list[tuple[float, float]]] = {"generate": [], "reward": [], "train": []}
         self._next_group = 0
