@@ -250,6 +250,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             rl_seconds = time.perf_counter() - rl_start
 
             trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
+            pipeline = controller.pipeline_summary() if t.steps else {}
             summary = {
                 "accuracy_initial": acc_initial,
                 "accuracy_after_sft": acc_sft,
@@ -260,9 +261,9 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "staleness": rt.staleness,
                 "wall_seconds": time.perf_counter() - t_start,
                 "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
-                "samples_per_second": t.steps * config.samples_per_step / controller.pipeline_summary()["pipeline_seconds"] if t.steps else 0.0,
+                "samples_per_second": t.steps * config.samples_per_step / pipeline["pipeline_seconds"] if t.steps else 0.0,
                 "infra_retries": controller.infra_retries,
-                **(controller.pipeline_summary() if t.steps else {}),
+                **pipeline,
             }
             if rt.trace:
                 tracer.write(run_dir / "trace.json")

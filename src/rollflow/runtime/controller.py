@@ -48,6 +48,7 @@ class _Call:
     kind: str  # "generate" | "reward" | "train"
     worker: int
     uids: list[int] = field(default_factory=list)
+    groups: list[list[SampleRow]] = field(default_factory=list)  # the batch of a train call
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:
@@ -132,7 +133,7 @@ class Controller:
                         self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
                     self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
                     self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
-                    yield self._step_result(trained, result, last_step_end)
+                    yield self._step_result(trained, info.groups, result, last_step_end)
                     last_step_end = result.finished
 
     def _admit(self, total: int) -> None:
@@ -174,8 +175,7 @@ class Controller:
             return
         now = time.time()
         self.tracer.span("trainer", "wait for data", idle_since, max(idle_since, now))
-        self._batch = groups
-        self._submit(self.trainer, 0, "train", _Call("train", 0), groups)
+        self._submit(self.trainer, 0, "train", _Call("train", 0, groups=groups), groups)
         self._training = True
 
     def _submit(self, group: WorkerGroup, worker: int, method: str, info: _Call, *args: Any) -> None:
@@ -247,8 +247,7 @@ class Controller:
         lanes[lane] = end
         return f"reward/{worker}" + (f".{lane}" if lane else "")
 
-    def _step_result(self, step: int, result: TrainResult, last_step_end: float) -> StepResult:
-        groups = self._batch
+    def _step_result(self, step: int, groups: list[list[SampleRow]], result: TrainResult, last_step_end: float) -> StepResult:
         rows = [r for g in groups for r in g]
         counts = self.store.counts()
         self.tracer.counter("store", result.finished, in_flight=counts["in_flight"], ready=counts["ready"])
