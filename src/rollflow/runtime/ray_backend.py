@@ -29,11 +29,18 @@ class _Host:
     """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built."""
 
     def __init__(self, factory: Callable[[], Any], torch_threads: int) -> None:
+        self.torch_threads = torch_threads
         torch.set_num_threads(torch_threads)
         self.worker = factory()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.worker, method)(*args, **kwargs)
+        # OpenMP's thread count is per calling thread; a threaded actor runs calls off the main thread, where it would
+        # otherwise fall back to Ray's OMP_NUM_THREADS.
+        torch.set_num_threads(self.torch_threads)
+        try:
+            return getattr(self.worker, method)(*args, **kwargs)
+        finally:
+            self.torch_threads = torch.get_num_threads()  # a call may change it (the trainer's ``set_threads``)
 
 
 @dataclass(frozen=True)
