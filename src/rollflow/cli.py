@@ -56,9 +56,9 @@ def _list(what: str) -> int:
         for name, cls in BUILTIN.items():
             print(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
         return 0
-    from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
+    from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 
-    for registry in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, CORRECTIONS):
+    for registry in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS):
         print(f"{registry.kind}:")
         for name, doc in registry.describe().items():
             print(f"  {name:22s} {doc}")

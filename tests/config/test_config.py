@@ -58,7 +58,7 @@ def test_samples_per_step_is_prompts_times_samples():
         (["rollout.top_p=1.5"], "rollout.top_p: Input should be less than or equal to 1 (got 1.5)"),
         (
             ["algo.loss=ppo_clp"],
-            "algo.loss: unknown name 'ppo_clp' among policy losses; registered: ppo_clip. Did you mean 'ppo_clip'?",
+            "algo.loss: unknown name 'ppo_clp' among policy losses; registered: gspo, ppo_clip, reinforce. Did you mean 'ppo_clip'?",
         ),
         (
             ["task.name=foo"],

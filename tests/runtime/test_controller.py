@@ -13,7 +13,7 @@ from rollflow.engines.torch_train import TorchTrainEngine
 from rollflow.runtime.backend import WorkerLost
 from rollflow.runtime.controller import Controller, StepResult, union_seconds
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import Generated, RolloutResult, Scored, TrainerWorker, TrainResult
+from rollflow.runtime.roles import Algorithm, Generated, RolloutResult, Scored, TrainerWorker, TrainResult
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore, StoreError
 from rollflow.runtime.weights import InlineWeightTransport
@@ -150,7 +150,7 @@ def test_run_trains_exactly_steps_steps_on_whole_groups(tokenizer, eta):
     assert sorted(uids) == list(range(steps * B))
     assert controller.budget.admitted == steps * B  # exactly steps batches admitted, never more
     assert sorted(rollout.generated) == list(range(steps * B))  # nothing generated that was not trained
-    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": steps * B}
+    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": steps * B, "dropped": 0}
     assert controller.version == steps and controller.infra_retries == 0
 
 
@@ -245,7 +245,7 @@ def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
     assert rows[flaky].status is Status.OK
     assert rows[flaky].reward.result.reward == 1.0  # "4" is even
     assert [rows[u].reward.result.reward for u in (0, 1, 2, 3, 5)] == [1.0, 0.0, 1.0, 0.0, 0.0]
-    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": B}
+    assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": B, "dropped": 0}
 
 
 def test_row_failing_every_time_ends_as_infra_error(tokenizer):
@@ -384,8 +384,7 @@ def make_trainer(tokenizer, model):
         engine,
         transport,
         tokenizer.pad_token_id,
-        advantage_fn=ADVANTAGES.get("grpo"),
-        loss_fn=policy_loss_fn("ppo_clip", "token-mean"),
+        Algorithm(ADVANTAGES.get("grpo"), policy_loss_fn("ppo_clip", "token-mean")),
         minibatches=1,
         epochs=1,
     )

@@ -41,20 +41,20 @@ def test_row_becomes_ready_once_every_column_is_filled():
     assert uids == [0, 1]
     assert store.pending(GENERATION) == [0, 1]
     assert store.pending(REWARD) == []
-    assert store.counts() == {"in_flight": 2, "ready": 0, "consumed": 0}
+    assert store.counts() == {"in_flight": 2, "ready": 0, "consumed": 0, "dropped": 0}
 
     store.put(0, GENERATION, gen())
     assert store.pending(GENERATION) == [1]
     assert store.pending(REWARD) == [0]
     store.put(0, REWARD, reward())
-    assert store.counts() == {"in_flight": 1, "ready": 1, "consumed": 0}
+    assert store.counts() == {"in_flight": 1, "ready": 1, "consumed": 0, "dropped": 0}
     with pytest.raises(TimeoutError, match=r"only 0 of 1 groups became complete within 0\.01s"):
         store.take_groups(1, timeout=0.01)  # row 1 is missing: the group is not complete
 
     fill(store, [1])
     [group] = store.take_groups(1, timeout=0)
     assert [r.uid for r in group] == [0, 1]
-    assert store.counts() == {"in_flight": 0, "ready": 0, "consumed": 2}
+    assert store.counts() == {"in_flight": 0, "ready": 0, "consumed": 2, "dropped": 0}
 
 
 def test_taken_rows_carry_their_cells_and_timestamps():
@@ -124,7 +124,7 @@ def test_retry_clears_generation_and_reward_but_keeps_the_prompt():
     with pytest.raises(KeyError):
         store.get(uid, GENERATION)
     assert store.pending(GENERATION) == [uid]
-    assert store.counts() == {"in_flight": 1, "ready": 0, "consumed": 0}
+    assert store.counts() == {"in_flight": 1, "ready": 0, "consumed": 0, "dropped": 0}
     assert store.retry(uid) == 2
     fill(store, [uid])  # writable again after the retry
     assert store.take_groups(1, timeout=0)[0][0].generation.response_text == str(uid)
@@ -173,7 +173,7 @@ def test_concurrent_producers_and_consumers_lose_nothing():
     assert errors == []
     assert len(consumed) == len(uids) == 400  # none consumed twice ...
     assert sorted(consumed) == uids  # ... and none lost
-    assert store.counts() == {"in_flight": 0, "ready": 0, "consumed": 400}
+    assert store.counts() == {"in_flight": 0, "ready": 0, "consumed": 400, "dropped": 0}
     assert store.consumed_total == 400
 
 
@@ -194,7 +194,7 @@ def test_incomplete_due_group_holds_the_batch_back():
     assert store.try_take_groups(2, version=1, eta=1) is None
     with pytest.raises(TimeoutError):
         store.take_groups(2, timeout=0, version=1, eta=1)
-    assert store.counts() == {"in_flight": 2, "ready": 6, "consumed": 0}  # nothing taken by the failed attempts
+    assert store.counts() == {"in_flight": 2, "ready": 6, "consumed": 0, "dropped": 0}  # nothing taken by the failed attempts
     assert gids(store.take_groups(2, timeout=0)) == [1, 2]  # without version/eta: simply the oldest complete
 
 
@@ -277,3 +277,47 @@ def test_blocking_take_wakes_when_the_due_group_completes():
         assert gids(store.take_groups(1, timeout=5, version=1, eta=1)) == [0]
     finally:
         timer.join()
+
+
+def test_reference_column_is_filled_side_by_side_with_rewards_and_required_when_configured():
+    store = SampleStore(("prompt", "generation", "reward", "reference"))
+    uids = admit_group(store, 0, 2)
+    assert store.pending("reference") == []  # needs the generation, like the reward
+    for uid in uids:
+        store.put(uid, GENERATION, gen(str(uid)))
+    assert store.pending("reference") == uids and store.pending(REWARD) == uids  # both stages may start now
+    fill_rewards = [store.put(uid, REWARD, reward()) for uid in uids]
+    assert len(fill_rewards) == 2 and store.counts()["ready"] == 0  # the reference column is still missing
+    store.put(0, "reference", [-0.1, -0.2])
+    store.put(1, "reference", [-0.3, -0.4])
+    [group] = store.take_groups(1, timeout=0)
+    assert [r.reference for r in group] == [[-0.1, -0.2], [-0.3, -0.4]]
+
+
+def test_a_store_without_the_reference_column_refuses_it():
+    store = SampleStore()
+    [uid] = admit_group(store, 0, 1)
+    with pytest.raises(StoreError, match="column 'reference' cannot be written"):
+        store.put(uid, "reference", [0.0])
+
+
+def test_dropped_group_leaves_the_store_and_is_counted_not_consumed():
+    store = SampleStore()
+    a, b = admit_group(store, 0, 2), admit_group(store, 1, 2)
+    fill(store, a + b)
+    assert store.group_rows(a[0]) == a
+    store.drop_group(a)
+    assert a[0] not in store and b[0] in store
+    assert store.counts() == {"in_flight": 0, "ready": 2, "consumed": 0, "dropped": 2}
+    [group] = store.take_groups(1, timeout=0)
+    assert [r.uid for r in group] == b
+    with pytest.raises(StoreError, match="needs every row of group"):
+        c = admit_group(store, 2, 2)
+        store.drop_group(c[:1])
+
+
+def test_group_rows_waits_for_every_reward():
+    store = SampleStore()
+    uids = admit_group(store, 0, 2)
+    fill(store, uids[:1])
+    assert store.group_rows(uids[0]) is None

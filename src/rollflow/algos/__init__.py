@@ -1,9 +1,15 @@
-"""Pure, registered RL algorithm pieces: advantage estimators, policy losses, loss aggregation,
-off-policy corrections."""
+"""Pure, registered RL algorithm pieces: advantage estimators, policy and value losses, loss aggregation,
+off-policy corrections, KL estimators and reward shaping."""
 
-from rollflow.algos import advantages, corrections, losses  # noqa: F401  (registers the built-ins)
-from rollflow.algos.losses import policy_loss_fn, sft_loss
-from rollflow.algos.corrections import needs_proximal
-from rollflow.algos.registry import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES, Registry
+from rollflow.algos import advantages, corrections, kl, losses, shaping  # noqa: F401  (registers the built-ins)
+from rollflow.algos.corrections import needs_proximal, proximal
+from rollflow.algos.losses import TokenLoss, ValueLossFn, policy_loss_fn, sft_loss, value_loss, value_loss_fn
+from rollflow.algos.registry import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, Registry
+from rollflow.algos.shaping import kl_penalty_rewards, overlong_penalty
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "CORRECTIONS", "POLICY_LOSSES", "Registry", "needs_proximal", "policy_loss_fn", "sft_loss"]
+__all__ = [
+    "ADVANTAGES", "AGGREGATIONS", "CORRECTIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "Registry",
+    "TokenLoss", "ValueLossFn",
+    "kl_penalty_rewards", "needs_proximal", "overlong_penalty", "policy_loss_fn", "proximal",
+    "sft_loss", "value_loss", "value_loss_fn",
+]

@@ -27,12 +27,15 @@ class TrainBatch:
     behav_logprobs: torch.Tensor  # (B, T) log-probs recorded by the rollout engine that sampled the tokens (0 where unknown)
     advantages: torch.Tensor  # (B, T)
     versions: torch.Tensor  # (B, T) long, policy version that generated each token (-1 for prompt)
+    ref_logprobs: torch.Tensor | None = None  # (B, T) log-probs of the frozen reference policy, when KL is used
+    values: torch.Tensor | None = None  # (B, T) critic's V(input_ids[:, :t]) before the step, when a critic is used
+    returns: torch.Tensor | None = None  # (B, T) the critic's regression targets
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> TrainBatch:
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return replace(self, **{f.name: v[index] for f in fields(self) if (v := getattr(self, f.name)) is not None})
 
     def split(self, n: int, generator: torch.Generator | None = None) -> list[TrainBatch]:
         """Shuffle rows and cut them into ``n`` minibatches of near-equal size."""
@@ -61,6 +64,34 @@ class InferenceEngine(Protocol):
     def load_weights(self, weights: VersionedWeights) -> None:
         """Verify ``weights.checksum`` and swap them in; called only between generate calls."""
         ...
+
+
+class ScoringEngine(Protocol):
+    """Scores given tokens with fixed weights (a frozen reference policy); never trains."""
+
+    @property
+    def version(self) -> int: ...
+
+    def load_weights(self, weights: VersionedWeights) -> None:
+        """Verify ``weights.checksum`` and swap them in."""
+        ...
+
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """Per-token log-probs (B, T) of ``batch``, without gradients."""
+        ...
+
+
+class CriticEngine(Protocol):
+    """Fits a value model: V (B, T) of every prefix, regressed on ``batch.returns`` with a loss it is given."""
+
+    def compute_values(self, batch: TrainBatch) -> torch.Tensor: ...
+
+    def init_from(self, policy: torch.nn.Module) -> None:
+        """Restart from the policy's weights (how PPO critics are initialised)."""
+        ...
+
+    def train_step(self, batch: TrainBatch, loss_fn: Callable[[torch.Tensor, TrainBatch], LossOutput],
+                   minibatches: int, epochs: int) -> dict[str, float]: ...
 
 
 class TrainEngine(Protocol):

@@ -58,11 +58,14 @@ class Generation:
     finish_reason: str  # "eos" | "length"
 
 
-# Column names of the sample store, in the order stages fill them.
+# Column names of the sample store. Every run fills the first three; ``reference`` (the frozen reference policy's
+# per-token log-probs) only when the algorithm uses a KL term. ``NEEDS`` says what a stage reads before it can start.
 PROMPT = "prompt"
 GENERATION = "generation"
 REWARD = "reward"
+REFERENCE = "reference"
 COLUMNS = (PROMPT, GENERATION, REWARD)
+NEEDS = {GENERATION: (PROMPT,), REWARD: (GENERATION,), REFERENCE: (GENERATION,)}
 
 
 @dataclass
@@ -110,6 +113,7 @@ class SampleRow:
     generation: GenerationCell
     reward: RewardCell
     timestamps: dict[str, float]
+    reference: list[float] | None = None  # per response token, when the run has a reference column
 
     @property
     def group_id(self) -> int:

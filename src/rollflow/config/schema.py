@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
+from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 
 
 class Section(BaseModel):
@@ -142,29 +142,59 @@ class TrainConfig(Section):
     """Passes over the step's samples."""
 
 
+class CriticConfig(Section):
+    lr: float = Field(1e-4, gt=0.0)
+    """Critic learning rate (AdamW); the critic starts as a copy of the policy with a zeroed value head."""
+    value_clip: float | None = Field(0.2, gt=0.0)
+    """Clip each value's move from its pre-step estimate to ±this in the value loss (null: no clipping)."""
+
+
 class AlgoConfig(Section):
     advantage: str = "grpo"
-    """Advantage estimator (see `rollflow list algos`)."""
+    """Advantage estimator (see `rollflow list algos`): grpo, rloo, reinforce_pp, or gae (which trains a critic)."""
     scale_by_std: bool = True
     """GRPO: divide by the group's reward std (False: Dr. GRPO)."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    """Discount of token-level estimators (gae, reinforce_pp)."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE's λ: bias-variance trade-off of the advantage."""
+    critic: CriticConfig = Field(default_factory=CriticConfig)
+    """The value model, used only by estimators that need one (gae)."""
     loss: str = "ppo_clip"
-    """Policy loss."""
+    """Policy loss: ppo_clip (DAPO's clip-higher is clip_high > clip_low), gspo (sequence-level ratio), reinforce."""
     aggregation: str = "token-mean"
     """How per-token losses become one scalar."""
+    loss_norm: float | None = Field(None, gt=0.0)
+    """Constant normaliser of the 'seq-mean-token-sum-norm' aggregation (null: rollout.max_new_tokens)."""
     clip_low: float = Field(0.2, gt=0.0, lt=1.0)
-    """PPO ratio clip below 1."""
+    """Ratio clip below 1 (ppo_clip, gspo)."""
     clip_high: float = Field(0.2, gt=0.0)
-    """PPO ratio clip above 1."""
+    """Ratio clip above 1 (ppo_clip, gspo)."""
     entropy_coef: float = Field(0.0, ge=0.0)
     """Entropy bonus weight."""
     correction: str = "tis"
-    """Off-policy correction for tokens sampled by an older version (used only when a batch holds such tokens)."""
-    tis_cap: float = Field(2.0, gt=0.0)
-    """Truncated IS: the largest importance weight π_old/π_behav a token may get."""
+    """Off-policy correction for tokens sampled by an older version: none, tis, decoupled, aipo."""
+    correction_cap: float = Field(2.0, gt=0.0)
+    """The correction's bound on the behaviour importance weight: the truncation cap (tis), the weight above which
+    a token is dropped (decoupled), or AIPO's ρ (aipo)."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of the KL to a frozen reference policy (the policy RL starts from); 0: no reference role at all."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3 (see `rollflow list algos`)."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL goes: a loss term (GRPO) or a per-token penalty in the reward (PPO/RLHF style)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop each group whose rewards are all equal (no signal) and admit a new one in its place."""
+    max_dropped_per_step: int = Field(64, ge=0)
+    """Dynamic sampling: most groups dropped per step; later ones are kept, so a solved task cannot stall the run."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO soft overlong penalty: responses within this many tokens of rollout.max_new_tokens lose reward linearly,
+    down to -1 at the limit (0: off)."""
 
     @model_validator(mode="after")
     def _registered(self) -> AlgoConfig:
-        names = ((ADVANTAGES, "advantage"), (POLICY_LOSSES, "loss"), (AGGREGATIONS, "aggregation"), (CORRECTIONS, "correction"))
+        names = ((ADVANTAGES, "advantage"), (POLICY_LOSSES, "loss"), (AGGREGATIONS, "aggregation"),
+                 (CORRECTIONS, "correction"), (KL_ESTIMATORS, "kl_estimator"))
         for registry, field in names:
             try:
                 registry.get(getattr(self, field))
@@ -229,7 +259,10 @@ class RuntimeConfig(Section):
     reward: RewardRoleConfig = Field(default_factory=RewardRoleConfig)
     """Reward workers: each group's scoring goes to the least loaded."""
     trainer: RoleConfig = Field(default_factory=RoleConfig)
-    """The trainer (one worker)."""
+    """The trainer (one worker); with a critic (algo.advantage=gae) the critic trains in the same worker."""
+    reference: RoleConfig = Field(default_factory=lambda: RoleConfig(num_cpus=0.0))
+    """Reference workers (only when algo.kl_coef > 0): score each generated group with the frozen reference policy,
+    side by side with the reward workers."""
     generate_batch: int = Field(256, ge=1)
     """Most samples per generate call, rounded down to whole groups (at least one): smaller calls start rewards
     and weight pick-ups sooner, larger ones batch the engine better."""
@@ -269,6 +302,13 @@ class Config(Section):
     def samples_per_step(self) -> int:
         """P × n: samples the trainer consumes per RL step."""
         return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _overlong(self) -> Config:
+        if self.algo.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"algo.overlong_buffer={self.algo.overlong_buffer} exceeds rollout.max_new_tokens="
+                             f"{self.rollout.max_new_tokens}; the penalty zone must fit inside the response length")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

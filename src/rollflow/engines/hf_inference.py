@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rollflow.api import Generation, SamplingParams, VersionedWeights
+from rollflow.engines.models import load_versioned
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -37,14 +38,7 @@ class HFInferenceEngine:
         return self._version
 
     def load_weights(self, weights: VersionedWeights) -> None:
-        weights.verify()
-        own = self.model.state_dict()
-        misfit = sorted(k for k in own.keys() | weights.tensors.keys()
-                        if k not in own or k not in weights.tensors or own[k].shape != weights.tensors[k].shape)
-        if misfit:
-            raise RuntimeError(f"weights of version {weights.version} do not fit this model (missing, extra or reshaped: "
-                               f"{', '.join(misfit[:5])}{' …' if len(misfit) > 5 else ''}); keeping version {self._version}")
-        self.model.load_state_dict(weights.tensors)
+        load_versioned(self.model, weights, self._version)
         self._version = weights.version
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Generation]:

@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from rollflow.api import VersionedWeights
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 
 
@@ -74,3 +76,15 @@ def load_pretrained(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeni
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def load_versioned(model: torch.nn.Module, weights: VersionedWeights, current_version: int) -> None:
+    """Verify ``weights``' checksum and load them into ``model``; on any mismatch the model keeps its weights."""
+    weights.verify()
+    own = model.state_dict()
+    misfit = sorted(k for k in own.keys() | weights.tensors.keys()
+                    if k not in own or k not in weights.tensors or own[k].shape != weights.tensors[k].shape)
+    if misfit:
+        raise RuntimeError(f"weights of version {weights.version} do not fit this model (missing, extra or reshaped: "
+                           f"{', '.join(misfit[:5])}{' …' if len(misfit) > 5 else ''}); keeping version {current_version}")
+    model.load_state_dict(weights.tensors)

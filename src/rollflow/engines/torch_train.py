@@ -9,17 +9,51 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from rollflow.api import LossFn, TrainBatch, VersionedWeights
+from collections.abc import Callable
+
+from rollflow.api import LossFn, LossOutput, TrainBatch, VersionedWeights
+from rollflow.engines.models import load_versioned
 
 
 def token_logprobs(model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``batch.input_ids`` under ``model``; column 0 is 0 (see api.engines)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax in at least float32; float64 models stay float64 (the reference test)
     logp = (logits / temperature).log_softmax(-1)  # (B, T-1, V)
     taken = logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     entropy = -(logp.exp() * logp).sum(-1)  # (B, T-1)
     zero = taken.new_zeros(taken.shape[0], 1)
     return torch.cat([zero, taken], 1), torch.cat([zero, entropy], 1)
+
+
+def minibatch_updates(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float,
+    batch: TrainBatch,
+    loss: Callable[[TrainBatch], LossOutput],
+    minibatches: int,
+    epochs: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """``epochs`` shuffled passes over ``batch``, each cut into ``minibatches`` clipped optimizer updates of
+    ``loss(minibatch)``; returns every metric (and loss, grad_norm) averaged over the updates."""
+    if minibatches > len(batch):
+        raise ValueError(f"cannot cut {len(batch)} samples into {minibatches} minibatches; lower minibatches_per_step")
+    totals: dict[str, float] = {}
+    updates = 0
+    for _ in range(epochs):
+        for mb in batch.split(minibatches, generator):
+            out = loss(mb)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
+                totals[k] = totals.get(k, 0.0) + v
+            updates += 1
+    return {k: v / updates for k, v in totals.items()}
 
 
 class TorchTrainEngine:
@@ -50,23 +84,14 @@ class TorchTrainEngine:
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int = 1, epochs: int = 1) -> dict[str, float]:
         """``epochs`` passes over ``batch``, each cut into ``minibatches`` optimizer updates; then version += 1."""
-        if minibatches > len(batch):
-            raise ValueError(f"cannot cut {len(batch)} samples into {minibatches} minibatches; lower minibatches_per_step")
-        totals: dict[str, float] = {}
-        updates = 0
-        for _ in range(epochs):
-            for mb in batch.split(minibatches, self.generator):
-                logp, entropy = token_logprobs(self.model, mb, self.temperature)
-                out = loss_fn(logp, entropy, mb)
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.optimizer.step()
-                for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                updates += 1
+
+        def loss(mb: TrainBatch) -> LossOutput:
+            logp, entropy = token_logprobs(self.model, mb, self.temperature)
+            return loss_fn(logp, entropy, mb)
+
+        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss, minibatches, epochs, self.generator)
         self._version += 1
-        return {k: v / updates for k, v in totals.items()}
+        return metrics
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -75,3 +100,24 @@ class TorchTrainEngine:
 
     def export_weights(self) -> VersionedWeights:
         return VersionedWeights.pack(self._version, self.model.state_dict())
+
+
+class TorchScorer:
+    """A frozen policy that only scores tokens: the reference model of a KL term (``api.ScoringEngine``)."""
+
+    def __init__(self, model: PreTrainedModel, temperature: float = 1.0) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.temperature = temperature
+        self._version = -1  # no published weights loaded yet
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def load_weights(self, weights: VersionedWeights) -> None:
+        load_versioned(self.model, weights, self._version)
+        self._version = weights.version
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return token_logprobs(self.model, batch, self.temperature)[0]

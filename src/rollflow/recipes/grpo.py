@@ -19,17 +19,18 @@ from typing import Any
 import torch
 import transformers
 
-from rollflow.algos import ADVANTAGES, needs_proximal, policy_loss_fn, sft_loss
-from rollflow.api import Problem, RewardFn, SamplingParams, Task
+from rollflow.algos import ADVANTAGES, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, value_loss_fn
+from rollflow.api import COLUMNS, REFERENCE, Problem, RewardFn, RewardResult, SamplingParams, Status, Task
 from rollflow.config import Config, dump_config
 from rollflow.config.schema import RuntimeConfig
 from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, load_pretrained, save_pretrained, tiny_model
-from rollflow.engines.torch_train import TorchTrainEngine
+from rollflow.engines.critic import TorchCriticEngine, ValueModel
+from rollflow.engines.torch_train import TorchScorer, TorchTrainEngine
 from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
 from rollflow.runtime.controller import Controller
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import RewardWorker, RolloutWorker, TrainerWorker
+from rollflow.runtime.roles import Algorithm, ReferenceWorker, RewardWorker, RolloutWorker, TrainerWorker
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
@@ -106,23 +107,58 @@ def _reward_worker(task: Task, concurrency: int) -> RewardWorker:
     return RewardWorker(task.verify, concurrency)
 
 
-def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> TrainerWorker:
-    t, a = config.train, config.algo
-    engine = TorchTrainEngine(model, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-                              temperature=config.rollout.temperature, seed=config.seed)
-    return TrainerWorker(
-        engine, transport, pad_id,
-        advantage_fn=functools.partial(_advantages, a.advantage, a.scale_by_std),
-        loss_fn=policy_loss_fn(a.loss, a.aggregation, a.entropy_coef, correction=a.correction,
-                               correction_params={"cap": a.tis_cap} if a.correction == "tis" else {},
-                               clip_low=a.clip_low, clip_high=a.clip_high),
-        minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
-        recompute_proximal=needs_proximal(a.correction), payloads=payloads,
+def has_signal(results: list[RewardResult]) -> bool:
+    """Dynamic sampling's filter: keep a group only if its usable rewards are not all equal (else every advantage is 0)."""
+    rewards = {r.reward for r in results if r.status is not Status.INFRA_ERROR}
+    return len(rewards) > 1
+
+
+def build_algorithm(config: Config) -> Algorithm:
+    """The trainer's algorithm from ``config.algo``: every part looked up by name in the registries."""
+    a = config.algo
+    estimator = ADVANTAGES.get(a.advantage)
+    token_level, needs_critic = getattr(estimator, "token_level", False), getattr(estimator, "needs_critic", False)
+    if not token_level:
+        advantage = functools.partial(estimator, scale_by_std=a.scale_by_std) if a.advantage == "grpo" else estimator
+    elif needs_critic:
+        advantage = functools.partial(estimator, gamma=a.gamma, lam=a.lam)
+    else:
+        advantage = functools.partial(estimator, gamma=a.gamma)
+    param = {"tis": "cap", "decoupled": "cap", "aipo": "rho"}.get(a.correction)
+    loss = policy_loss_fn(
+        a.loss, a.aggregation, a.entropy_coef, correction=a.correction,
+        correction_params={param: a.correction_cap} if param else {},
+        kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator,
+        norm=a.loss_norm or config.rollout.max_new_tokens,
+        clip_low=a.clip_low, clip_high=a.clip_high,
+    )
+    return Algorithm(
+        advantage, loss, token_level=token_level, needs_critic=needs_critic, proximal=proximal(a.correction),
+        shape=functools.partial(_overlong, config.rollout.max_new_tokens, a.overlong_buffer) if a.overlong_buffer else None,
+        kl_reward=functools.partial(kl_penalty_rewards, coef=a.kl_coef, estimator=a.kl_estimator)
+        if a.kl_coef > 0 and a.kl_in == "reward" else None,
+        value_loss=value_loss_fn(clip=a.critic.value_clip) if needs_critic else None,
     )
 
 
-def _advantages(name: str, scale_by_std: bool, rewards: torch.Tensor) -> torch.Tensor:
-    return ADVANTAGES.get(name)(rewards, scale_by_std=scale_by_std)
+def _overlong(max_len: int, buffer: int, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return rewards + overlong_penalty(lengths, max_len, buffer)
+
+
+def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> TrainerWorker:
+    t = config.train
+    algorithm = build_algorithm(config)
+    engine = TorchTrainEngine(model, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                              temperature=config.rollout.temperature, seed=config.seed)
+    critic = None
+    if algorithm.needs_critic:  # the critic starts from the policy's weights (after SFT, when the recipe asks)
+        critic = TorchCriticEngine(ValueModel(copy.deepcopy(model)), lr=config.algo.critic.lr, grad_clip=t.grad_clip, seed=config.seed)
+    return TrainerWorker(engine, transport, pad_id, algorithm, minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
+                         payloads=payloads, critic=critic)
+
+
+def _reference_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> ReferenceWorker:
+    return ReferenceWorker(TorchScorer(model, config.rollout.temperature), transport, pad_id, payloads)
 
 
 def _save(tokenizer: Any, path: Path, model: Any) -> None:
@@ -130,9 +166,17 @@ def _save(tokenizer: Any, path: Path, model: Any) -> None:
     save_pretrained(model, tokenizer, path)
 
 
-def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, tokenizer: Any) -> tuple[WorkerGroup, WorkerGroup, WorkerGroup]:
-    """The three worker groups of a run, placed as ``runtime`` says. Rollout engines hold their own copy of the
-    weights and only ever change them by version."""
+@dataclass
+class Workers:
+    rollout: WorkerGroup
+    reward: WorkerGroup
+    trainer: WorkerGroup
+    reference: WorkerGroup | None  # only when the algorithm has a KL term
+
+
+def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, tokenizer: Any) -> Workers:
+    """The worker groups of a run, placed as ``runtime`` says. Rollout and reference engines hold their own copy of
+    the weights and only ever change them by version."""
     rt = config.runtime
     transport, payloads = backend.weight_transport(), backend.payloads
     pool = None
@@ -149,7 +193,13 @@ def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, toke
     trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
         functools.partial(_trainer_worker, model, tokenizer.pad_token_id, config, transport, payloads)
     ], Resources(rt.trainer.num_cpus, rt.trainer.torch_threads, pool=pool))
-    return rollout, reward, trainer
+    reference = None
+    if config.algo.kl_coef > 0:
+        reference = WorkerGroup.spawn(backend, "reference", ReferenceWorker, [
+            functools.partial(_reference_worker, copy.deepcopy(model), tokenizer.pad_token_id, config, transport, payloads)
+            for _ in range(rt.reference.workers)
+        ], Resources(rt.reference.num_cpus, rt.reference.torch_threads))
+    return Workers(rollout, reward, trainer, reference)
 
 
 def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker) -> None:
@@ -187,7 +237,8 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
 
     backend = make_backend(rt)
     try:
-        rollout, reward, trainer = spawn_workers(backend, config, train_task, model, tokenizer)
+        workers = spawn_workers(backend, config, train_task, model, tokenizer)
+        rollout, reward, trainer = workers.rollout, workers.reward, workers.trainer
 
         def publish_and_eval() -> float:
             trainer.publish()
@@ -205,13 +256,19 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 tracker.log_eval(0, acc_sft, "after SFT")
             trainer.set_threads(rl_threads)
             trainer.set_lr(t.lr)
+            trainer.init_critic()
+            if workers.reference is not None:
+                workers.reference.freeze()  # the reference is the policy RL starts from (published just above)
 
-            store, budget = SampleStore(), StalenessBudget(rt.staleness, config.samples_per_step)
+            store = SampleStore(COLUMNS + ((REFERENCE,) if workers.reference is not None else ()))
+            budget = StalenessBudget(rt.staleness, config.samples_per_step)
             controller = Controller(
                 store, budget, rollout, reward, trainer, task.train_problems(config.seed), tokens.prompt,
                 group_size=r.samples_per_prompt, groups_per_step=r.prompts_per_step, generate_batch=rt.generate_batch,
                 reward_groups=rt.reward.groups_per_call,
-                version=trainer.version(), max_retries=rt.max_retries, tracer=tracer,
+                version=trainer.version(), max_retries=rt.max_retries, tracer=tracer, reference=workers.reference,
+                keep_group=has_signal if config.algo.dynamic_sampling else None,
+                max_dropped=config.algo.max_dropped_per_step,
             )
             acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
             for result in controller.run(t.steps):
@@ -263,6 +320,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
                 "samples_per_second": t.steps * config.samples_per_step / pipeline["pipeline_seconds"] if t.steps else 0.0,
                 "infra_retries": controller.infra_retries,
+                "dropped_groups": controller.dropped_groups,
                 **pipeline,
             }
             if rt.trace:

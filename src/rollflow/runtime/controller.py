@@ -5,7 +5,10 @@
 1. admits whole groups while the staleness budget allows (``StalenessBudget``: capacity ``(v + η + 1)·B − admitted``);
 2. hands the oldest rows that need generating to every idle rollout worker, whole groups at a time, so no worker
    idles while rows wait (load balancing by pull);
-3. hands every generated group to the least loaded reward worker;
+3. hands every generated group to the least loaded reward worker (and, when the run has a frozen reference
+   policy, to the least loaded reference worker, which fills the ``reference`` column side by side with rewards);
+   a group whose rewards the ``keep_group`` filter rejects (dynamic sampling) is dropped and its room in the budget
+   given back, so admission refills the step;
 4. starts a train step as soon as the store can form a batch for the trainer's version (``try_take_groups``: every
    group that would otherwise exceed η, plus the oldest other complete groups);
 5. waits for whichever call finishes first and records it (store columns, metrics, trace), yielding each finished
@@ -27,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollflow.api import GENERATION, PROMPT, REWARD, Problem, PromptCell, SampleRow, Status
+from rollflow.api import GENERATION, PROMPT, REFERENCE, REWARD, Problem, PromptCell, RewardResult, SampleRow, Status
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.roles import RolloutResult, Scored, TrainResult
 from rollflow.runtime.staleness import StalenessBudget
@@ -45,10 +48,11 @@ class StepResult:
 
 @dataclass
 class _Call:
-    kind: str  # "generate" | "reward" | "train"
+    kind: str  # "generate" | "reward" | "reference" | "train"
     worker: int
     uids: list[int] = field(default_factory=list)
     groups: list[list[SampleRow]] = field(default_factory=list)  # the batch of a train call
+    inputs: dict[int, Any] = field(default_factory=dict)  # uid → the generation cell a reward/reference call works on
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:
@@ -78,9 +82,17 @@ class Controller:
         version: int = 0,
         max_retries: int = 2,
         tracer: Tracer | None = None,
+        reference: WorkerGroup | None = None,
+        keep_group: Callable[[list[RewardResult]], bool] | None = None,
+        max_dropped: int = 0,
     ) -> None:
         self.store, self.budget = store, budget
-        self.rollout, self.reward, self.trainer = rollout, reward, trainer
+        self.rollout, self.reward, self.trainer, self.reference = rollout, reward, trainer, reference
+        if (reference is not None) != (REFERENCE in store.columns):
+            raise ValueError("a reference worker group and the store's 'reference' column go together")
+        self.keep_group = keep_group  # dynamic sampling: False drops a scored group before it is trained
+        self.max_dropped = max_dropped  # most groups dropped per step; past it, groups are kept (a stream of
+        # all-equal groups, e.g. a solved task, must not stall the run)
         self.backend = rollout.backend
         self.problems, self.encode = problems, encode
         self.group_size, self.groups_per_step = group_size, groups_per_step
@@ -90,17 +102,21 @@ class Controller:
         self.max_retries = max_retries
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)  # an empty Tracer is falsy (len 0)
         self.infra_retries = 0
-        self.spans: dict[str, list[tuple[float, float]]] = {"generate": [], "reward": [], "train": []}
+        self.spans: dict[str, list[tuple[float, float]]] = {"generate": [], "reward": [], "reference": [], "train": []}
+        self.dropped_groups = 0
+        self._dropped_this_step = 0
         self._next_group = 0
         self._retries: dict[int, int] = {}  # uid → infra retries so far
         self._calls: dict[Any, _Call] = {}
-        self._claimed: set[int] = set()  # rows a stage is working on right now
+        # rows each stage is working on right now (reward and reference work on the same rows side by side)
+        self._claimed: dict[str, set[int]] = {"generate": set(), "reward": set(), "reference": set(), "train": set()}
         self._rollout_busy: set[int] = set()
         self._reward_load = [0] * len(reward)
         self._reward_lanes: list[list[float]] = [[] for _ in range(len(reward))]  # trace lanes: end time of each
+        self._reference_load = [0] * (len(reference) if reference is not None else 0)
         self._training = False
         self._pickups: list[tuple[float, float]] = []  # (pick-up delay, load seconds) since the last step
-        self._mark = {"generate": 0, "reward": 0}  # spans already counted in an earlier step's metrics
+        self._mark = {"generate": 0, "reward": 0, "reference": 0}  # spans already counted in an earlier step's metrics
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, steps: int) -> Iterator[StepResult]:
@@ -112,6 +128,7 @@ class Controller:
             self._admit(total)
             self._dispatch_generation()
             self._dispatch_rewards()
+            self._dispatch_reference()
             if not self._training:
                 self._maybe_train(last_step_end)
             if not self._calls:
@@ -123,9 +140,12 @@ class Controller:
                     self._on_generated(call, info)
                 elif info.kind == "reward":
                     self._on_scored(call, info)
+                elif info.kind == "reference":
+                    self._on_referenced(call, info)
                 else:
                     result: TrainResult = self.backend.result(call)
                     self._training = False
+                    self._dropped_this_step = 0
                     trained += 1
                     self.version = result.version
                     self.spans["train"].append((result.started, result.finished))
@@ -148,7 +168,7 @@ class Controller:
         idle = [i for i in range(len(self.rollout)) if i not in self._rollout_busy]
         if not idle:
             return
-        groups = self._by_group([u for u in self.store.pending(GENERATION) if u not in self._claimed])
+        groups = self._by_group([u for u in self.store.pending(GENERATION) if not self._busy(u)])
         # Share what is waiting evenly among the idle workers, whole groups, at most generate_batch samples each.
         per_worker = min(self.generate_groups, -(-len(groups) // len(idle))) if groups else 0
         for i in idle:
@@ -161,13 +181,26 @@ class Controller:
             self._rollout_busy.add(i)
 
     def _dispatch_rewards(self) -> None:
-        groups = self._by_group([u for u in self.store.pending(REWARD) if u not in self._claimed])
+        groups = self._by_group([u for u in self.store.pending(REWARD) if u not in self._claimed["reward"]])
         for k in range(0, len(groups), self.reward_groups):
             uids = [u for g in groups[k : k + self.reward_groups] for u in g]
             i = min(range(len(self.reward)), key=self._reward_load.__getitem__)
-            items = [(u, self.store.get(u, PROMPT).problem, self.store.get(u, GENERATION).response_text) for u in uids]
-            self._submit(self.reward, i, "score", _Call("reward", i, uids), items)
+            cells = {u: self.store.get(u, GENERATION) for u in uids}
+            items = [(u, self.store.get(u, PROMPT).problem, cells[u].response_text) for u in uids]
+            self._submit(self.reward, i, "score", _Call("reward", i, uids, inputs=cells), items)
             self._reward_load[i] += len(uids)
+
+    def _dispatch_reference(self) -> None:
+        if self.reference is None:
+            return
+        groups = self._by_group([u for u in self.store.pending(REFERENCE) if u not in self._claimed["reference"]])
+        for k in range(0, len(groups), self.reward_groups):
+            uids = [u for g in groups[k : k + self.reward_groups] for u in g]
+            i = min(range(len(self.reference)), key=self._reference_load.__getitem__)
+            cells = {u: self.store.get(u, GENERATION) for u in uids}
+            items = [(u, self.store.get(u, PROMPT).prompt_ids, cells[u].payload) for u in uids]
+            self._submit(self.reference, i, "score", _Call("reference", i, uids, inputs=cells), items)
+            self._reference_load[i] += len(uids)
 
     def _maybe_train(self, idle_since: float) -> None:
         groups = self.store.try_take_groups(self.groups_per_step, self.version, self.budget.eta)
@@ -179,13 +212,13 @@ class Controller:
         self._training = True
 
     def _submit(self, group: WorkerGroup, worker: int, method: str, info: _Call, *args: Any) -> None:
-        self._claimed.update(info.uids)
+        self._claimed[info.kind].update(info.uids)
         self._calls[group.submit(worker, method, *args)] = info
 
     # -- results --------------------------------------------------------------------------------------------------
     def _on_generated(self, call: Any, info: _Call) -> None:
         self._rollout_busy.discard(info.worker)
-        self._claimed.difference_update(info.uids)
+        self._claimed[info.kind].difference_update(info.uids)
         try:
             result: RolloutResult = self.backend.result(call)
         except Exception as e:
@@ -203,7 +236,7 @@ class Controller:
 
     def _on_scored(self, call: Any, info: _Call) -> None:
         self._reward_load[info.worker] -= len(info.uids)
-        self._claimed.difference_update(info.uids)
+        self._claimed[info.kind].difference_update(info.uids)
         try:
             scored: list[Scored] = self.backend.result(call)
         except Exception as e:
@@ -213,10 +246,45 @@ class Controller:
         self.tracer.span(self._reward_track(info.worker, start, end), "reward", start, end, samples=len(scored))
         self.spans["reward"].append((start, end))
         for s in scored:
+            if not self._still_current(s.uid, info):
+                continue
             if s.cell.result.status is Status.INFRA_ERROR and self._retries.get(s.uid, 0) < self.max_retries:
                 self._retry(s.uid)
                 continue
             self.store.put(s.uid, REWARD, s.cell, finished=s.finished)
+        if self.keep_group is not None:
+            for uid in {s.uid for s in scored}:
+                self._filter(uid)
+
+    def _filter(self, uid: int) -> None:
+        """Dynamic sampling: once every row of ``uid``'s group has a reward, drop the group if ``keep_group`` rejects
+        it, unless this step already dropped ``max_dropped`` groups or a stage still works on one of its rows."""
+        uids = self.store.group_rows(uid) if uid in self.store else None
+        if uids is None or self._dropped_this_step >= self.max_dropped or any(map(self._busy, uids)):
+            return
+        if self.keep_group([self.store.get(u, REWARD).result for u in uids]):
+            return
+        self.store.drop_group(uids)
+        self.budget.release(len(uids))
+        self.dropped_groups += 1
+        self._dropped_this_step += 1
+
+    def _on_referenced(self, call: Any, info: _Call) -> None:
+        self._reference_load[info.worker] -= len(info.uids)
+        self._claimed[info.kind].difference_update(info.uids)
+        try:
+            result = self.backend.result(call)
+        except Exception as e:
+            self._lost(e, info, "reference")
+            return
+        self.tracer.span(f"reference/{info.worker}", "reference log-probs", result.started, result.finished, samples=len(info.uids))
+        self.spans["reference"].append((result.started, result.finished))
+        for uid, logprobs in result.items:
+            if self._still_current(uid, info):
+                self.store.put(uid, REFERENCE, logprobs)
+        if self.keep_group is not None:
+            for uid in info.uids:
+                self._filter(uid)
 
     def _lost(self, error: Exception, info: _Call, role: str) -> None:
         """A call failed. A lost worker (the backend says so) is an infrastructure fault: its rows go back to be
@@ -232,6 +300,14 @@ class Controller:
         self.infra_retries += 1
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
+    def _still_current(self, uid: int, info: _Call) -> bool:
+        """Whether row ``uid`` still holds the generation ``info``'s call worked on: a retry started by another stage
+        may have cleared the row, or even regenerated it, while the call ran; its result is then dropped."""
+        return uid in self.store and self.store.has(uid, GENERATION) and self.store.get(uid, GENERATION) is info.inputs[uid]
+
+    def _busy(self, uid: int) -> bool:
+        return any(uid in claimed for claimed in self._claimed.values())
+
     def _by_group(self, uids: list[int]) -> list[list[int]]:
         groups: dict[int, list[int]] = {}
         for u in uids:
@@ -256,13 +332,14 @@ class Controller:
             "store/in_flight": float(counts["in_flight"]),
             "store/ready": float(counts["ready"]),
             "store/consumed": float(counts["consumed"]),
+            "store/dropped": float(counts["dropped"]),
             "queue/admit_to_start_s": _mean([r.timestamps["started"] - r.timestamps["admitted"] for r in rows]),
             "queue/ready_to_consumed_s": _mean([r.timestamps["consumed"] - r.timestamps["finished"] for r in rows]),
             "queue/sample_latency_s": _mean([r.timestamps["finished"] - r.timestamps["started"] for r in rows]),
             "queue/trainer_wait_s": max(0.0, result.started - last_step_end),
             "time/reward_mean_s": _mean([r.reward.duration for r in rows]),
         }
-        for stage in ("generate", "reward"):  # busy time of the stage since the previous step's metrics
+        for stage in ("generate", "reward", "reference"):  # busy time of the stage since the previous step's metrics
             metrics[f"time/{stage}"] = union_seconds(self.spans[stage][self._mark[stage]:])
             self._mark[stage] = len(self.spans[stage])
         if self._pickups:
@@ -275,7 +352,7 @@ class Controller:
         """How busy the pipeline was over ``run``: the producers' (any generate or reward running) and the trainer's
         busy time, and efficiency = the bound max(producers, trainer) over the time achieved."""
         wall = self.finished - self.started
-        producers = union_seconds(self.spans["generate"] + self.spans["reward"])
+        producers = union_seconds(self.spans["generate"] + self.spans["reward"] + self.spans["reference"])
         train = union_seconds(self.spans["train"])
         return {
             "pipeline_seconds": wall,

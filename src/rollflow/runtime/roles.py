@@ -25,11 +25,15 @@ from rollflow.api import (
     SampleRow,
     SamplingParams,
     Status,
+    CriticEngine,
+    LossOutput,
+    ScoringEngine,
+    TrainBatch,
     TrainEngine,
     WeightTransport,
 )
 from rollflow.runtime.backend import LocalPayloads, Payloads
-from rollflow.runtime.batch import collate
+from rollflow.runtime.batch import collate, outcome_token_rewards
 from rollflow.runtime.group import Mode, dispatch
 
 
@@ -98,6 +102,42 @@ class RolloutWorker:
 
 
 @dataclass
+class Referenced:
+    items: list[tuple[int, list[float]]]  # (uid, reference log-prob of each response token)
+    started: float
+    finished: float
+
+
+class ReferenceWorker:
+    """The frozen reference policy of a KL term: scores generated responses with the weights it took when RL began."""
+
+    def __init__(self, engine: ScoringEngine, transport: WeightTransport, pad_id: int, payloads: Payloads | None = None) -> None:
+        self.engine, self.transport, self.pad_id = engine, transport, pad_id
+        self.payloads = payloads or LocalPayloads()
+
+    @dispatch(Mode.BROADCAST)
+    def freeze(self) -> int:
+        """Take the newest published weights (the policy RL starts from) for good; returns their version."""
+        latest = self.transport.latest(newer_than=self.engine.version)
+        if latest is not None:
+            self.engine.load_weights(latest)
+        if self.engine.version < 0:
+            raise RuntimeError("the reference policy found no published weights: publish the policy before freezing it")
+        return self.engine.version
+
+    @dispatch(Mode.SPLIT)
+    def score(self, items: list[tuple[int, list[int], Any]]) -> Referenced:
+        """``items``: (uid, prompt ids, generation payload). Log-probs of each response token under the reference."""
+        started = time.time()
+        gens: list[Generation] = self.payloads.get([payload for _, _, payload in items])
+        batch = collate([ids for _, ids, _ in items], [g.response_ids for g in gens], self.pad_id)
+        logp = self.engine.compute_logprobs(batch)  # (B, T)
+        starts = [len(ids) for _, ids, _ in items]
+        out = [(uid, logp[i, s : s + len(g.response_ids)].tolist()) for i, ((uid, _, _), s, g) in enumerate(zip(items, starts, gens))]
+        return Referenced(out, started, time.time())
+
+
+@dataclass
 class Scored:
     uid: int
     cell: RewardCell
@@ -138,28 +178,44 @@ class TrainResult:
     publish_started: float
 
 
+@dataclass(frozen=True)
+class Algorithm:
+    """The trainer's side of an RL algorithm, built by the recipe from registered parts chosen by name:
+    reward shaping → advantage estimation (outcome-level on (G, n) rewards, or token-level on (B, T) rewards with an
+    optional critic) → the policy loss, which carries its off-policy correction and KL term."""
+
+    advantage: Callable[..., Any]  # outcome: (G, n) -> (G, n); token-level: (rewards, mask, values) -> (adv, returns)
+    loss: LossFn
+    token_level: bool = False
+    needs_critic: bool = False
+    proximal: str = "behaviour"  # π_old of the ratio: "behaviour" (as recorded), "recomputed" (by the trainer), "current"
+    shape: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (rewards (B,), lengths (B,)) -> (B,)
+    kl_reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (behav, ref) (B, T) -> reward (B, T)
+    value_loss: Callable[[torch.Tensor, TrainBatch], LossOutput] | None = None  # (values (B, T), batch) -> loss
+
+
 class TrainerWorker:
     def __init__(
         self,
         engine: TrainEngine,
         transport: WeightTransport,
         pad_id: int,
-        advantage_fn: AdvantageFn,
-        loss_fn: LossFn,
+        algorithm: Algorithm,
         minibatches: int,
         epochs: int,
-        recompute_proximal: bool = False,
         payloads: Payloads | None = None,
+        critic: CriticEngine | None = None,
     ) -> None:
+        if algorithm.needs_critic and (critic is None or algorithm.value_loss is None):
+            raise ValueError("the advantage estimator needs a critic: build the trainer with a critic engine and a value loss")
         self.engine, self.transport, self.pad_id = engine, transport, pad_id
-        self.advantage_fn, self.loss_fn = advantage_fn, loss_fn
+        self.algo, self.critic = algorithm, critic
         self.minibatches, self.epochs = minibatches, epochs
-        self.recompute_proximal = recompute_proximal
         self.payloads = payloads or LocalPayloads()
 
     @dispatch(Mode.FIRST)
     def train(self, groups: list[list[SampleRow]]) -> TrainResult:
-        """One RL step on complete groups: advantages → loss → optimizer updates → publish the new version.
+        """One RL step on complete groups: rewards → advantages → loss → optimizer updates → publish the new version.
 
         Samples whose status is ``infra_error`` take part in no group statistic and no loss (masked). When some
         tokens come from an older version and the correction asks for it, π_old is recomputed with the current
@@ -167,41 +223,72 @@ class TrainerWorker:
         started = time.time()
         rows = [r for g in groups for r in g]
         gens: list[Generation] = self.payloads.get([r.generation.payload for r in rows])
-        usable = torch.tensor([r.status is not Status.INFRA_ERROR for r in rows]).view(len(groups), -1)  # (G, n)
-        rewards = torch.tensor([r.reward.result.reward for r in rows]).view(len(groups), -1)  # (G, n)
-        if usable.all():
-            advantages = self.advantage_fn(rewards)
-        else:  # each group's statistics over its usable rows only
-            advantages = torch.zeros_like(rewards)
-            for g in range(len(groups)):
-                if usable[g].any():
-                    advantages[g, usable[g]] = self.advantage_fn(rewards[g, usable[g]][None])[0]
+        usable = torch.tensor([r.status is not Status.INFRA_ERROR for r in rows])  # (B,)
+        rewards = torch.tensor([r.reward.result.reward for r in rows])  # (B,)
+        metrics: dict[str, float] = {}
+        if self.algo.shape is not None:
+            shaped = self.algo.shape(rewards, torch.tensor([len(g.response_ids) for g in gens], dtype=torch.float))
+            metrics["reward/shaping"] = (shaped - rewards)[usable].mean().item() if usable.any() else 0.0
+            rewards = shaped
         batch = collate(
             [r.prompt.prompt_ids for r in rows],
             [g.response_ids for g in gens],
             self.pad_id,
             old_logprobs=[g.logprobs for g in gens],
-            advantages=advantages.flatten().tolist(),
             versions=[g.versions for g in gens],
+            ref_logprobs=[r.reference for r in rows] if rows[0].reference is not None else None,
         )
-        batch.response_mask *= usable.flatten()[:, None].float()
+        batch.response_mask *= usable[:, None].float()
+        mask = batch.response_mask
+        kl = None
+        if self.algo.kl_reward is not None and batch.ref_logprobs is not None:
+            kl = self.algo.kl_reward(batch.behav_logprobs, batch.ref_logprobs) * mask  # (B, T) per-token reward
+            metrics["kl/reward_penalty"] = (kl.sum(-1)[usable].mean().item()) if usable.any() else 0.0
+        if self.algo.token_level:
+            token_rewards = outcome_token_rewards(rewards * usable, mask) + (kl if kl is not None else 0.0)
+            values = self.critic.compute_values(batch) * mask if self.algo.needs_critic else None  # type: ignore[union-attr]
+            batch.advantages, batch.returns = self.algo.advantage(token_rewards, mask, values)
+            batch.values = values
+        else:
+            seq = rewards + (kl.sum(-1) if kl is not None else 0.0)  # a KL penalty folds into the sequence reward
+            batch.advantages = self._outcome_advantages(seq.view(len(groups), -1), usable.view(len(groups), -1)).flatten()[:, None] * mask
         trained_at = self.engine.version
-        mask = batch.response_mask.bool()
-        lag = trained_at - batch.versions[mask]  # (tokens,)
-        recompute = self.recompute_proximal and lag.numel() > 0 and bool((lag > 0).any())
+        lag = trained_at - batch.versions[mask.bool()]  # (tokens,)
+        recompute = self.algo.proximal == "recomputed" and lag.numel() > 0 and bool((lag > 0).any())
         if recompute:
-            batch.old_logprobs = torch.where(mask, self.engine.compute_logprobs(batch), batch.behav_logprobs)
-        metrics = self.engine.train_step(batch, self.loss_fn, self.minibatches, self.epochs)
+            batch.old_logprobs = torch.where(mask.bool(), self.engine.compute_logprobs(batch), batch.behav_logprobs)
+        metrics.update(self.engine.train_step(batch, self.algo.loss, self.minibatches, self.epochs))
+        if self.critic is not None and self.algo.value_loss is not None:
+            critic_metrics = self.critic.train_step(batch, self.algo.value_loss, self.minibatches, self.epochs)
+            metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
         metrics["correction/recomputed"] = float(recompute)
         metrics.update(staleness_metrics(trained_at, [r.generation.version for r in rows], lag))
         publish_started = time.time()
         metrics["time/publish"] = self.publish()
         return TrainResult(metrics, self.engine.version, started, time.time(), publish_started)
 
+    def _outcome_advantages(self, rewards: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+        """(G, n) advantages of an outcome estimator; each group's statistics over its usable rows only."""
+        if usable.all():
+            return self.algo.advantage(rewards)
+        advantages = torch.zeros_like(rewards)
+        for g in range(rewards.shape[0]):
+            if usable[g].any():
+                advantages[g, usable[g]] = self.algo.advantage(rewards[g, usable[g]][None])[0]
+        return advantages
+
     @dispatch(Mode.FIRST)
     def sft(self, prompts: list[list[int]], targets: list[list[int]], loss_fn: LossFn) -> dict[str, float]:
         """One supervised step on (prompt, target) token pairs; does not publish."""
         return self.engine.train_step(collate(prompts, targets, self.pad_id), loss_fn, 1, 1)
+
+    @dispatch(Mode.FIRST)
+    def init_critic(self) -> bool:
+        """Start the critic (if any) from the policy as it is now, i.e. after SFT; returns whether there is one."""
+        if self.critic is None:
+            return False
+        self.critic.init_from(self.engine.model)  # type: ignore[attr-defined]  # the policy lives in the engine
+        return True
 
     @dispatch(Mode.FIRST)
     def set_threads(self, n: int) -> None:

@@ -1,7 +1,9 @@
 """The streaming sample store: rows keyed by uid, filled column by column, handed out as complete groups.
 
-Stages write the column they produce (``prompt`` at admission, ``generation``, ``reward``); a row is complete when
-every column in ``api.COLUMNS`` is filled, and a group when all its rows are. Consumers take the oldest complete
+Stages write the column they produce (``prompt`` at admission, ``generation``, ``reward``, and ``reference`` when the
+store is built with it); a row is complete when every column of the store is filled, and a group when all its rows
+are. A stage's work queue is the rows that have what it reads (``api.NEEDS``) and lack its column, so stages that
+read the same column (reward and reference both read the generation) run side by side. Consumers take the oldest complete
 groups first, in whatever order they completed, except that a group which would otherwise go too stale must be
 taken now (see ``take_groups``). A ledger records each uid's life (admitted → complete → consumed)
 so no row is lost or consumed twice; a row hit by an infrastructure fault is reset with ``retry`` rather than scored.
@@ -18,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollflow.api import COLUMNS, GENERATION, PROMPT, REWARD, PromptCell, SampleRow
+from rollflow.api import COLUMNS, GENERATION, NEEDS, PROMPT, REFERENCE, REWARD, PromptCell, SampleRow
 
 
 class StoreError(RuntimeError):
@@ -34,17 +36,19 @@ class _Row:
     admitted_version: int = 0
     version: int = 0  # a lower bound on the version of every token the row holds or will hold
 
-    def complete(self) -> bool:
-        return all(c in self.cells for c in COLUMNS)
-
 
 class SampleStore:
-    def __init__(self) -> None:
+    def __init__(self, columns: tuple[str, ...] = COLUMNS) -> None:
+        unknown = [c for c in columns if c not in (*COLUMNS, *NEEDS)]
+        if unknown or any(c not in columns for c in COLUMNS):
+            raise StoreError(f"store columns {columns} must include {COLUMNS} and may add {REFERENCE!r}")
+        self.columns = columns
         self._rows: dict[int, _Row] = {}
         self._groups: OrderedDict[int, list[int]] = OrderedDict()  # group id → uids, in admission order
         self._uids = itertools.count()
         self._cond = threading.Condition()
         self.consumed_total = 0
+        self.dropped_total = 0
 
     def admit(self, cells: list[PromptCell], version: int = 0) -> list[int]:
         """Create one row per prompt cell, admitted while the trainer is at ``version``; all cells of a call share
@@ -60,8 +64,8 @@ class SampleStore:
 
     def put(self, uid: int, column: str, value: Any, **times: float) -> None:
         """Fill ``column`` of row ``uid``; ``times`` (e.g. started=, finished=) are recorded on the row."""
-        if column not in COLUMNS or column == PROMPT:
-            raise StoreError(f"column '{column}' cannot be written; writable columns: {', '.join(COLUMNS[1:])}")
+        if column not in self.columns or column == PROMPT:
+            raise StoreError(f"column '{column}' cannot be written; writable columns: {', '.join(self.columns[1:])}")
         with self._cond:
             row = self._row(uid)
             if column in row.cells:
@@ -70,7 +74,7 @@ class SampleStore:
             row.times.update(times)
             if column == GENERATION and getattr(value, "version", -1) >= 0:
                 row.version = max(row.version, value.version)
-            if row.complete():
+            if self._complete(row):
                 self._cond.notify_all()
 
     def retry(self, uid: int) -> int:
@@ -83,10 +87,35 @@ class SampleStore:
             return row.retries
 
     def pending(self, column: str) -> list[int]:
-        """Rows that have every column before ``column`` and lack ``column``: the work queue of its stage."""
-        before = COLUMNS[: COLUMNS.index(column)]
+        """Rows that have every column ``column``'s stage reads (``api.NEEDS``) and lack ``column``: its work queue."""
+        needs = NEEDS[column]
         with self._cond:
-            return [u for u, r in self._rows.items() if column not in r.cells and all(c in r.cells for c in before)]
+            return [u for u, r in self._rows.items() if column not in r.cells and all(c in r.cells for c in needs)]
+
+    def group_rows(self, uid: int) -> list[int] | None:
+        """The uids of ``uid``'s group if every one of them has a reward, else None."""
+        with self._cond:
+            uids = self._groups[self._row(uid).cells[PROMPT].group_id]
+            return list(uids) if all(REWARD in self._rows[u].cells for u in uids) else None
+
+    def drop_group(self, uids: list[int]) -> None:
+        """Remove a whole group that will not be trained on (dynamic sampling filtered it out), with its ledger entry:
+        the rows count as dropped, never as consumed."""
+        with self._cond:
+            gid = self._row(uids[0]).cells[PROMPT].group_id
+            if sorted(self._groups.get(gid, [])) != sorted(uids):
+                raise StoreError(f"drop_group needs every row of group {gid}; got {uids}")
+            for uid in self._groups.pop(gid):
+                del self._rows[uid]
+            self.dropped_total += len(uids)
+
+    def __contains__(self, uid: int) -> bool:
+        with self._cond:
+            return uid in self._rows
+
+    def has(self, uid: int, column: str) -> bool:
+        with self._cond:
+            return column in self._row(uid).cells
 
     def get(self, uid: int, column: str) -> Any:
         with self._cond:
@@ -149,13 +178,17 @@ class SampleStore:
                     raise StoreError(f"row {uid} consumed twice")
                 row.consumed = True
                 row.times["consumed"] = now
-                rows.append(SampleRow(uid, row.cells[PROMPT], row.cells[GENERATION], row.cells[REWARD], row.times))
+                rows.append(SampleRow(uid, row.cells[PROMPT], row.cells[GENERATION], row.cells[REWARD], row.times,
+                                      row.cells.get(REFERENCE)))
             out.append(rows)
         self.consumed_total += sum(map(len, out))
         return out
 
     def _ready(self) -> list[int]:
-        return [g for g, uids in self._groups.items() if all(self._rows[u].complete() for u in uids)]
+        return [g for g, uids in self._groups.items() if all(self._complete(self._rows[u]) for u in uids)]
+
+    def _complete(self, row: _Row) -> bool:
+        return all(c in row.cells for c in self.columns)
 
     def _row(self, uid: int) -> _Row:
         try:
@@ -166,5 +199,6 @@ class SampleStore:
     def counts(self) -> dict[str, int]:
         """Rows by stage: in flight (admitted, incomplete), ready (complete, not consumed), consumed so far."""
         with self._cond:
-            done = sum(r.complete() for r in self._rows.values())
-            return {"in_flight": len(self._rows) - done, "ready": done, "consumed": self.consumed_total}
+            done = sum(self._complete(r) for r in self._rows.values())
+            return {"in_flight": len(self._rows) - done, "ready": done, "consumed": self.consumed_total,
+                    "dropped": self.dropped_total}
