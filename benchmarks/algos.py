@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="RL steps per run (default: 6 quick, 60 full)")
     parser.add_argument("--no-algos", action="store_true", help="skip the per-algorithm table")
     parser.add_argument("--no-study", action="store_true", help="skip the staleness study")
+    parser.add_argument("--sft", type=Path, help="reuse this SFT run directory (made by an earlier run) instead of training one")
+    parser.add_argument("--tag", default="", help="added to the JSON file's name")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -55,10 +57,14 @@ def main() -> None:
 
     started = time.perf_counter()
     ray.init(include_dashboard=False)  # one Ray for every run: each run joins it
-    sft = rollflow.train(rollflow.load_config(overrides=[*common, "train.steps=0", f"run_dir={root}/sft"]))
-    acc_sft = sft.summary["accuracy_after_sft"]
-    print(f"SFT checkpoint: accuracy {acc_sft:.3f} ({sft.summary['wall_seconds']:.0f} s)")
-    from_sft = [f"model.path={root}/sft/model", "sft.steps=0", f"train.steps={steps}"]
+    sft_dir = args.sft or root / "sft"
+    if args.sft:
+        acc_sft = json.loads((sft_dir / "summary.json").read_text())["accuracy_after_sft"]
+    else:
+        sft = rollflow.train(rollflow.load_config(overrides=[*common, "train.steps=0", f"run_dir={sft_dir}"]))
+        acc_sft = sft.summary["accuracy_after_sft"]
+    print(f"SFT checkpoint {sft_dir}: accuracy {acc_sft:.3f}")
+    from_sft = [f"model.path={sft_dir}/model", "sft.steps=0", f"train.steps={steps}"]
 
     def run(name: str, preset: str, extra: list[str]) -> dict:
         config = rollflow.load_config(PRESETS / f"{preset}.yaml", [*common, *from_sft, *extra, f"run_dir={root}/{name}"])
@@ -100,9 +106,9 @@ def main() -> None:
         console.print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"algos{'_quick' if args.quick else ''}_{datetime.date.today().isoformat()}.json"
+    name = f"algos{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}_{datetime.date.today().isoformat()}.json"
     (args.out / name).write_text(json.dumps({
-        "steps": steps, "overrides": args.overrides, "accuracy_after_sft": acc_sft, "machine": platform.platform(),
+        "steps": steps, "overrides": args.overrides, "sft": str(sft_dir), "accuracy_after_sft": acc_sft, "machine": platform.platform(),
         "seconds": time.perf_counter() - started, "algorithms": algos, "staleness_study": study,
     }, indent=2))
     print(f"wrote {args.out / name} in {time.perf_counter() - started:.0f} s")

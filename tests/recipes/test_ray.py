@@ -3,6 +3,7 @@ the recorded versions, the trace, weights through the object store with their ch
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import ray
@@ -95,3 +96,16 @@ def test_payload_handles_resolve_from_the_object_store(local_ray):
     payloads = RayPayloads()
     handles = payloads.put(["a", "b", "c"]) + payloads.put(["d"])
     assert payloads.get([handles[2], handles[0], handles[3], "inline"]) == ["c", "a", "d", "inline"]
+
+
+def test_kl_and_critic_run_on_ray_with_a_reference_actor(local_ray, tmp_path):
+    # PPO (critic in the trainer actor) with KL in the reward, scored by a reference actor beside the reward actor.
+    config = rollflow.load_config(Path(__file__).parents[2] / "configs/algos/ppo.yaml", [*RAY, "train.steps=3", "algo.kl_coef=0.05", "algo.kl_in=reward",
+                                                             f"run_dir={tmp_path}"])
+    result = rollflow.train(config)
+    last = result.history[-1]
+    assert {"kl/reward_penalty", "critic/loss"} <= set(last)
+    assert last["time/reference"] > 0
+    tracks = {e["args"]["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+              if e.get("name") == "thread_name"}
+    assert "reference/0" in tracks

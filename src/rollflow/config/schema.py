@@ -174,9 +174,9 @@ class AlgoConfig(Section):
     """Entropy bonus weight."""
     correction: str = "tis"
     """Off-policy correction for tokens sampled by an older version: none, tis, decoupled, aipo."""
-    correction_cap: float = Field(2.0, gt=0.0)
-    """The correction's bound on the behaviour importance weight: the truncation cap (tis), the weight above which
-    a token is dropped (decoupled), or AIPO's ρ (aipo)."""
+    correction_cap: float | None = Field(None, gt=0.0)
+    """The correction's bound on the behaviour importance weight: the truncation cap (tis, default 2), the weight
+    above which a token is dropped (decoupled, default 5), or AIPO's ρ (aipo, default 2). null: that default."""
     kl_coef: float = Field(0.0, ge=0.0)
     """Weight of the KL to a frozen reference policy (the policy RL starts from); 0: no reference role at all."""
     kl_estimator: str = "k3"

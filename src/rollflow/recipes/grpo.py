@@ -127,7 +127,7 @@ def build_algorithm(config: Config) -> Algorithm:
     param = {"tis": "cap", "decoupled": "cap", "aipo": "rho"}.get(a.correction)
     loss = policy_loss_fn(
         a.loss, a.aggregation, a.entropy_coef, correction=a.correction,
-        correction_params={param: a.correction_cap} if param else {},
+        correction_params={param: a.correction_cap} if param and a.correction_cap is not None else {},
         kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator,
         norm=a.loss_norm or config.rollout.max_new_tokens,
         clip_low=a.clip_low, clip_high=a.clip_high,
