@@ -51,12 +51,11 @@ def grpo(rewards: torch.Tensor, eps: float = 1e-6, scale_by_std: bool = True) ->
 
 
 @_estimator("rloo", token_level=False)
-def rloo(rewards: torch.Tensor, scale_by_std: bool = False) -> torch.Tensor:
+def rloo(rewards: torch.Tensor) -> torch.Tensor:
     """RLOO: reward minus the mean of the other samples of its group (leave-one-out baseline). (G, n) -> (G, n).
 
     A_i = r_i − mean_{j≠i} r_j = n/(n−1) · (r_i − mean_j r_j), so the baseline never sees the sample it judges. A
-    group of one has no other sample and gets 0. ``scale_by_std`` is accepted and ignored, so the config can pass it
-    to every outcome estimator alike.
+    group of one has no other sample and gets 0.
     """
     n = rewards.shape[1]
     if n < 2:

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import transformers
 
-from rollflow.algos import ADVANTAGES, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, value_loss_fn
+from rollflow.algos import ADVANTAGES, CORRECTIONS, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, value_loss_fn
 from rollflow.api import COLUMNS, REFERENCE, Problem, RewardFn, RewardResult, SamplingParams, Status, Task
 from rollflow.config import Config, dump_config
 from rollflow.config.schema import RuntimeConfig
@@ -118,16 +120,10 @@ def build_algorithm(config: Config) -> Algorithm:
     a = config.algo
     estimator = ADVANTAGES.get(a.advantage)
     token_level, needs_critic = getattr(estimator, "token_level", False), getattr(estimator, "needs_critic", False)
-    if not token_level:
-        advantage = functools.partial(estimator, scale_by_std=a.scale_by_std) if a.advantage == "grpo" else estimator
-    elif needs_critic:
-        advantage = functools.partial(estimator, gamma=a.gamma, lam=a.lam)
-    else:
-        advantage = functools.partial(estimator, gamma=a.gamma)
-    param = {"tis": "cap", "decoupled": "cap", "aipo": "rho"}.get(a.correction)
+    advantage = functools.partial(estimator, **_accepted(estimator, scale_by_std=a.scale_by_std, gamma=a.gamma, lam=a.lam))
     loss = policy_loss_fn(
         a.loss, a.aggregation, a.entropy_coef, correction=a.correction,
-        correction_params={param: a.correction_cap} if param and a.correction_cap is not None else {},
+        correction_params=_accepted(CORRECTIONS.get(a.correction), cap=a.correction_cap, rho=a.correction_cap),
         kl_coef=a.kl_coef if a.kl_in == "loss" else 0.0, kl_estimator=a.kl_estimator,
         norm=a.loss_norm or config.rollout.max_new_tokens,
         clip_low=a.clip_low, clip_high=a.clip_high,
@@ -139,6 +135,12 @@ def build_algorithm(config: Config) -> Algorithm:
         if a.kl_coef > 0 and a.kl_in == "reward" else None,
         value_loss=value_loss_fn(clip=a.critic.value_clip) if needs_critic else None,
     )
+
+
+def _accepted(fn: Callable[..., Any], **params: Any) -> dict[str, Any]:
+    """The ``params`` that ``fn`` takes, leaving out unset ones: each registered part gets the config fields it uses."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in params.items() if k in names and v is not None}
 
 
 def _overlong(max_len: int, buffer: int, rewards: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
