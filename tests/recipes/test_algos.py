@@ -8,6 +8,8 @@ import pytest
 from test_grpo import TINY
 
 import rollflow
+from rollflow.recipes import grpo as grpo_recipe
+from rollflow.recipes.grpo import build_algorithm
 
 PRESETS = Path(__file__).parents[2] / "configs" / "algos"
 # What each preset must show in its last step's metrics (beyond what every run logs).
@@ -53,6 +55,24 @@ def test_kl_in_the_reward_runs_with_a_reference_worker(tmp_path):
     assert "kl/reward_penalty" in result.history[-1]
     # The reference is the policy RL started from: on step 1 the policy has not moved yet, so the KL is exactly 0
     assert result.history[0]["kl/reward_penalty"] == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("preset, keywords", [
+    ("grpo", {"scale_by_std": True}), ("dr_grpo", {"scale_by_std": False}), ("rloo", {}),
+    ("reinforce_pp", {"gamma": 1.0}), ("ppo", {"gamma": 1.0, "lam": 0.95}),
+])
+def test_each_estimator_gets_the_config_fields_it_takes(preset, keywords):
+    algorithm = build_algorithm(rollflow.load_config(PRESETS / f"{preset}.yaml"))
+    assert algorithm.advantage.keywords == keywords
+
+
+def test_correction_cap_reaches_the_correction_under_its_own_name(monkeypatch):
+    # The bound is 'cap' for tis / decoupled and 'rho' for aipo; null keeps each correction's own default.
+    seen = {}
+    monkeypatch.setattr(grpo_recipe, "policy_loss_fn", lambda *a, correction, correction_params, **kw: seen.update({correction: correction_params}))
+    for correction, cap in [("tis", 3.0), ("decoupled", None), ("aipo", 1.5)]:
+        build_algorithm(rollflow.load_config(overrides=[f"algo.correction={correction}", f"algo.correction_cap={cap or 'null'}"]))
+    assert seen == {"tis": {"cap": 3.0}, "decoupled": {}, "aipo": {"rho": 1.5}}
 
 
 def test_overlong_buffer_must_fit_in_the_response(tmp_path):
