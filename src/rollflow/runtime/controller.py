@@ -111,9 +111,9 @@ class Controller:
         # rows each stage is working on right now (reward and reference work on the same rows side by side)
         self._claimed: dict[str, set[int]] = {"generate": set(), "reward": set(), "reference": set(), "train": set()}
         self._rollout_busy: set[int] = set()
-        self._reward_load = [0] * len(reward)
+        # samples each reward / reference worker is scoring now: calls go to the least loaded
+        self._load = {"reward": [0] * len(reward), "reference": [0] * (len(reference) if reference is not None else 0)}
         self._reward_lanes: list[list[float]] = [[] for _ in range(len(reward))]  # trace lanes: end time of each
-        self._reference_load = [0] * (len(reference) if reference is not None else 0)
         self._training = False
         self._pickups: list[tuple[float, float]] = []  # (pick-up delay, load seconds) since the last step
         self._mark = {"generate": 0, "reward": 0, "reference": 0}  # spans already counted in an earlier step's metrics
@@ -127,8 +127,11 @@ class Controller:
         while trained < steps:
             self._admit(total)
             self._dispatch_generation()
-            self._dispatch_rewards()
-            self._dispatch_reference()
+            self._dispatch_scoring("reward", self.reward, REWARD,
+                                   lambda u, cell: (u, self.store.get(u, PROMPT).problem, cell.response_text))
+            if self.reference is not None:
+                self._dispatch_scoring("reference", self.reference, REFERENCE,
+                                       lambda u, cell: (u, self.store.get(u, PROMPT).prompt_ids, cell.payload))
             if not self._training:
                 self._maybe_train(last_step_end)
             if not self._calls:
@@ -180,27 +183,17 @@ class Controller:
             self._submit(self.rollout, i, "rollout", _Call("generate", i, uids), items)
             self._rollout_busy.add(i)
 
-    def _dispatch_rewards(self) -> None:
-        groups = self._by_group([u for u in self.store.pending(REWARD) if u not in self._claimed["reward"]])
+    def _dispatch_scoring(self, kind: str, group: WorkerGroup, column: str, item: Callable[[int, Any], Any]) -> None:
+        """Send each generated group waiting for ``column`` (``reward_groups`` at a time) to the least loaded worker
+        of ``group``; ``item(uid, generation cell)`` is what the worker's ``score`` gets per row."""
+        load = self._load[kind]
+        groups = self._by_group([u for u in self.store.pending(column) if u not in self._claimed[kind]])
         for k in range(0, len(groups), self.reward_groups):
             uids = [u for g in groups[k : k + self.reward_groups] for u in g]
-            i = min(range(len(self.reward)), key=self._reward_load.__getitem__)
+            i = min(range(len(group)), key=load.__getitem__)
             cells = {u: self.store.get(u, GENERATION) for u in uids}
-            items = [(u, self.store.get(u, PROMPT).problem, cells[u].response_text) for u in uids]
-            self._submit(self.reward, i, "score", _Call("reward", i, uids, inputs=cells), items)
-            self._reward_load[i] += len(uids)
-
-    def _dispatch_reference(self) -> None:
-        if self.reference is None:
-            return
-        groups = self._by_group([u for u in self.store.pending(REFERENCE) if u not in self._claimed["reference"]])
-        for k in range(0, len(groups), self.reward_groups):
-            uids = [u for g in groups[k : k + self.reward_groups] for u in g]
-            i = min(range(len(self.reference)), key=self._reference_load.__getitem__)
-            cells = {u: self.store.get(u, GENERATION) for u in uids}
-            items = [(u, self.store.get(u, PROMPT).prompt_ids, cells[u].payload) for u in uids]
-            self._submit(self.reference, i, "score", _Call("reference", i, uids, inputs=cells), items)
-            self._reference_load[i] += len(uids)
+            self._submit(group, i, "score", _Call(kind, i, uids, inputs=cells), [item(u, cells[u]) for u in uids])
+            load[i] += len(uids)
 
     def _maybe_train(self, idle_since: float) -> None:
         groups = self.store.try_take_groups(self.groups_per_step, self.version, self.budget.eta)
@@ -235,7 +228,7 @@ class Controller:
             self.store.put(g.uid, GENERATION, g.cell, started=g.started, generated=g.finished)
 
     def _on_scored(self, call: Any, info: _Call) -> None:
-        self._reward_load[info.worker] -= len(info.uids)
+        self._load["reward"][info.worker] -= len(info.uids)
         self._claimed[info.kind].difference_update(info.uids)
         try:
             scored: list[Scored] = self.backend.result(call)
@@ -259,7 +252,7 @@ class Controller:
     def _filter(self, uid: int) -> None:
         """Dynamic sampling: once every row of ``uid``'s group has a reward, drop the group if ``keep_group`` rejects
         it, unless this step already dropped ``max_dropped`` groups or a stage still works on one of its rows."""
-        uids = self.store.group_rows(uid) if uid in self.store else None
+        uids = self.store.group_rows(uid)
         if uids is None or self._dropped_this_step >= self.max_dropped or any(map(self._busy, uids)):
             return
         if self.keep_group([self.store.get(u, REWARD).result for u in uids]):
@@ -270,7 +263,7 @@ class Controller:
         self._dropped_this_step += 1
 
     def _on_referenced(self, call: Any, info: _Call) -> None:
-        self._reference_load[info.worker] -= len(info.uids)
+        self._load["reference"][info.worker] -= len(info.uids)
         self._claimed[info.kind].difference_update(info.uids)
         try:
             result = self.backend.result(call)
@@ -303,7 +296,7 @@ class Controller:
     def _still_current(self, uid: int, info: _Call) -> bool:
         """Whether row ``uid`` still holds the generation ``info``'s call worked on: a retry started by another stage
         may have cleared the row, or even regenerated it, while the call ran; its result is then dropped."""
-        return uid in self.store and self.store.has(uid, GENERATION) and self.store.get(uid, GENERATION) is info.inputs[uid]
+        return self.store.peek(uid, GENERATION) is info.inputs[uid]
 
     def _busy(self, uid: int) -> bool:
         return any(uid in claimed for claimed in self._claimed.values())

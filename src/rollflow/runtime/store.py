@@ -93,9 +93,11 @@ class SampleStore:
             return [u for u, r in self._rows.items() if column not in r.cells and all(c in r.cells for c in needs)]
 
     def group_rows(self, uid: int) -> list[int] | None:
-        """The uids of ``uid``'s group if every one of them has a reward, else None."""
+        """The uids of ``uid``'s group if every one of them has a reward, else None (also once it left the store)."""
         with self._cond:
-            uids = self._groups[self._row(uid).cells[PROMPT].group_id]
+            if uid not in self._rows:
+                return None
+            uids = self._groups[self._rows[uid].cells[PROMPT].group_id]
             return list(uids) if all(REWARD in self._rows[u].cells for u in uids) else None
 
     def drop_group(self, uids: list[int]) -> None:
@@ -113,9 +115,11 @@ class SampleStore:
         with self._cond:
             return uid in self._rows
 
-    def has(self, uid: int, column: str) -> bool:
+    def peek(self, uid: int, column: str) -> Any:
+        """Row ``uid``'s ``column``, or None if the row lacks it or has left the store (consumed or dropped)."""
         with self._cond:
-            return column in self._row(uid).cells
+            row = self._rows.get(uid)
+            return row.cells.get(column) if row is not None else None
 
     def get(self, uid: int, column: str) -> Any:
         with self._cond:
