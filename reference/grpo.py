@@ -50,7 +50,7 @@ def sequence_logprobs(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """log π(token t | tokens < t) at every position, (B, T). Column 0 is 0: nothing in the row predicts it."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (B, T, V)
     logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)  # (B, T-1, V): position t-1 predicts token t
     taken = torch.gather(logp, 2, input_ids[:, 1:].unsqueeze(2)).squeeze(2)  # (B, T-1)
     return F.pad(taken, (1, 0))  # (B, T)

@@ -34,7 +34,7 @@ def naive_generate(model, prompt, max_new_tokens, eos):
     """Greedy reference: the whole unpadded sequence is recomputed every step, no cache, no batch."""
     ids, tokens, logprobs = list(prompt), [], []
     for _ in range(max_new_tokens):
-        logp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+        logp = model(torch.tensor([ids]), use_cache=False).logits[0, -1].float().log_softmax(-1)
         tok = int(logp.argmax())
         tokens.append(tok)
         logprobs.append(logp[tok].item())

@@ -59,7 +59,7 @@ def test_token_logprobs_convention(tokenizer, make_model):
     assert logp.shape == entropy.shape == batch.input_ids.shape
     assert torch.equal(logp[:, 0], torch.zeros(2))  # position 0 has no prediction
     with torch.no_grad():
-        full = model(batch.input_ids[:1, :4]).logits.log_softmax(-1)  # row 0's first 4 tokens, no padding
+        full = model(batch.input_ids[:1, :4], use_cache=False).logits.log_softmax(-1)  # row 0's first 4 tokens, no padding
     assert logp[0, 3].item() == pytest.approx(full[0, 2, batch.input_ids[0, 3]].item(), abs=1e-5)
     assert (entropy[:, 1:] > 0).all() and (entropy <= torch.log(torch.tensor(float(len(tokenizer)))) + 1e-5).all()
 

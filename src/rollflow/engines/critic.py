@@ -26,7 +26,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
         v = self.head(hidden[:, :-1]).squeeze(-1)  # (B, T-1): value of the state after each prefix
         return torch.cat([v.new_zeros(v.shape[0], 1), v], 1)  # (B, T)
 

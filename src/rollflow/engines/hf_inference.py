@@ -59,7 +59,7 @@ class HFInferenceEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
 
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits[:, -1]
         tokens, logprobs = [], []
         done = torch.zeros(B, dtype=torch.bool)
         next_pos = positions[:, -1:] + 1  # (B, 1)
@@ -78,7 +78,7 @@ class HFInferenceEngine:
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)
             logits = self.model(
-                input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+                input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True
             ).logits[:, -1]
             next_pos = next_pos + 1
         return self._unpack(torch.stack(tokens, 1), torch.stack(logprobs, 1), eos)

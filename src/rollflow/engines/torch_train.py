@@ -17,7 +17,7 @@ from rollflow.engines.models import load_versioned
 
 def token_logprobs(model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``batch.input_ids`` under ``model``; column 0 is 0 (see api.engines)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # softmax in at least float32; float64 models stay float64 (the reference test)
     logp = (logits / temperature).log_softmax(-1)  # (B, T-1, V)
