@@ -202,3 +202,15 @@ def test_gae_row_without_response_tokens_and_missing_critic():
     assert torch.equal(advantages[1], torch.zeros(3)) and torch.equal(returns[1], torch.zeros(3))
     with pytest.raises(ValueError, match="gae needs a critic: set algo.critic"):
         gae(torch.zeros(1, 3), mask[:1], None)
+
+
+def test_signal_share_counts_samples_with_a_nonzero_advantage():
+    from rollflow.algos import ADVANTAGES, signal_share
+
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.5], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])
+    adv = ADVANTAGES.get("grpo")(rewards).flatten()[:, None] * torch.ones(16, 3)  # (B, T)
+    mask = torch.ones(16, 3)
+    assert signal_share(adv, mask) == 8 / 16  # the two uniform groups carry none
+    mask[12:] = 0  # the last group is masked out (e.g. infra errors): not counted either way
+    assert signal_share(adv, mask) == 4 / 12
+    assert signal_share(adv, torch.zeros(16, 3)) == 0.0

@@ -79,3 +79,19 @@ def test_updates_per_step_when_minibatches_do_not_divide_the_batch(tokenizer, ma
     engine.optimizer.register_step_post_hook(lambda opt, args, kwargs: steps.append(1))
     engine.train_step(sft_batch(tokenizer, PAIRS + PAIRS[:2]), sft_loss, minibatches=4, epochs=1)
     assert len(steps) == 4
+
+
+def test_lr_scale_scales_this_steps_update_only(tokenizer, make_model):
+    batch = sft_batch(tokenizer, PAIRS)
+    moves = {}
+    for scale in (1.0, 0.25, 0.0):
+        engine = TorchTrainEngine(make_model(), lr=1e-3)
+        before = torch.cat([p.detach().flatten().clone() for p in engine.model.parameters()])
+        engine.train_step(batch, sft_loss, lr_scale=scale)
+        after = torch.cat([p.detach().flatten() for p in engine.model.parameters()])
+        moves[scale] = (after - before).abs()
+        assert engine.optimizer.param_groups[0]["lr"] == 1e-3  # restored for the next step
+    assert moves[0.0].max() == 0  # the weights did not move at all
+    # AdamW's first update is lr × g / (|g| + eps) per weight: a quarter of the lr, a quarter of the move
+    assert torch.allclose(moves[0.25], moves[1.0] / 4, atol=1e-7)  # float32 rounding of p + Δ
+    assert moves[1.0].max() == pytest.approx(1e-3, rel=1e-3)

@@ -10,8 +10,8 @@ import torch
 from test_controller import B, N, P, FakeReward, FakeRollout, Policy, problems
 from test_controller_stages import FakeReference
 
-from rollflow.algos import ADVANTAGES, policy_loss_fn, proximal, value_loss_fn
-from rollflow.api import COLUMNS, REFERENCE
+from rollflow.algos import ADVANTAGES, policy_loss_fn, proximal, signal_share, value_loss_fn
+from rollflow.api import COLUMNS, REFERENCE, RewardCell, RewardResult
 from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.torch_train import TorchTrainEngine
 from rollflow.runtime.controller import Controller
@@ -27,18 +27,30 @@ class Recording(TorchTrainEngine):
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
-        self.batches, self.recomputed = [], 0
+        self.batches, self.recomputed, self.lr_scales = [], 0, []
 
-    def train_step(self, batch, loss_fn, minibatches=1, epochs=1):
+    def train_step(self, batch, loss_fn, minibatches=1, epochs=1, lr_scale=1.0):
         self.batches.append(copy.copy(batch))
-        return super().train_step(batch, loss_fn, minibatches, epochs)
+        self.lr_scales.append(lr_scale)
+        return super().train_step(batch, loss_fn, minibatches, epochs, lr_scale)
 
     def compute_logprobs(self, batch):
         self.recomputed += 1
         return super().compute_logprobs(batch)
 
 
-def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=False):
+class SomeGroupsAgree(FakeReward):
+    """Every third group scores 1 throughout (no signal); the others score their digits' parity (mixed)."""
+
+    def score(self, items):
+        scored = super().score(items)
+        for s in scored:
+            if (s.uid // N) % 3 == 0:
+                s.cell = RewardCell(RewardResult(1.0), 0.0)
+        return scored
+
+
+def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=False, reward=None):
     policy = Policy()
     engine = Recording(model, lr=1e-3)
     trainer = TrainerWorker(engine, InlineWeightTransport(), tokenizer.pad_token_id, algorithm, 1, 1, critic=critic)
@@ -50,7 +62,7 @@ def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=Fals
 
     store = SampleStore(COLUMNS + ((REFERENCE,) if reference else ()))
     controller = Controller(
-        store, StalenessBudget(eta, B), WorkerGroup("rollout", [Versioned(tokenizer, policy)]), WorkerGroup("reward", [FakeReward()]),
+        store, StalenessBudget(eta, B), WorkerGroup("rollout", [Versioned(tokenizer, policy)]), WorkerGroup("reward", [reward or FakeReward()]),
         WorkerGroup("trainer", [trainer]), problems(),
         lambda text: [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)],
         group_size=N, groups_per_step=P, generate_batch=B,
@@ -151,3 +163,16 @@ def test_only_corrections_with_a_recomputed_proximal_recompute_it_on_stale_batch
     recomputes = sum(r.train.metrics["correction/recomputed"] for r in results)
     assert (recomputes > 0) == (correction in ("tis", "decoupled"))
     assert engine.recomputed == recomputes
+
+
+def test_trainer_marks_groups_and_scales_the_step_by_its_signal(tokenizer, make_model):
+    algorithm = Algorithm(ADVANTAGES.get("grpo"), grpo_loss(), lr_scale=signal_share)
+    results, engine = run(tokenizer, make_model(), algorithm, steps=4, reward=SomeGroupsAgree())
+    for result, batch, scale in zip(results, engine.batches, engine.lr_scales):
+        rows = [row for g in result.groups for row in g]
+        assert batch.group_ids.tolist() == [i for i in range(P) for _ in range(N)]
+        # a group's rewards all equal <=> its advantages are all 0
+        mixed = [len({row.reward.result.reward for row in g}) > 1 for g in result.groups]
+        assert scale == pytest.approx(sum(mixed) * N / len(rows))
+        assert result.train.metrics["train/lr_scale"] == scale
+    assert len(set(engine.lr_scales)) > 1, "the fake policy should give steps with different signal"

@@ -2,6 +2,7 @@
 off-policy corrections, KL estimators and reward shaping."""
 
 from rollflow.algos import advantages, corrections, kl, losses, shaping  # noqa: F401  (registers the built-ins)
+from rollflow.algos.advantages import signal_share
 from rollflow.algos.corrections import needs_proximal, proximal
 from rollflow.algos.losses import TokenLoss, ValueLossFn, policy_loss_fn, sft_loss, value_loss, value_loss_fn
 from rollflow.algos.registry import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, Registry
@@ -11,5 +12,5 @@ __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "CORRECTIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "Registry",
     "TokenLoss", "ValueLossFn",
     "kl_penalty_rewards", "needs_proximal", "overlong_penalty", "policy_loss_fn", "proximal",
-    "sft_loss", "value_loss", "value_loss_fn",
+    "sft_loss", "signal_share", "value_loss", "value_loss_fn",
 ]

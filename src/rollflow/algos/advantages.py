@@ -130,3 +130,22 @@ def gae(
     adv = _reverse_scan(delta, gamma * lam * next_m) * m
     returns = adv + v
     return (_whiten(adv, m) if whiten else adv), returns
+
+
+# --- step size -------------------------------------------------------------------------------------------------------
+
+
+def signal_share(advantages: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of the samples in the loss whose advantage is non-zero somewhere: (B, T), (B, T) -> float in [0, 1].
+
+    Used to scale a step's learning rate (``algo.lr_by_signal``). Adam divides each gradient by its running size, so
+    a step whose only signal is one odd sample among hundreds (a group whose rewards all agree has advantage 0
+    everywhere) moves the weights as far as a step in which every group disagrees: on a task the policy already
+    solves, RL then takes full-size steps in the direction of a handful of samples and drifts. Scaling by this share
+    gives the step the size plain SGD would give it under a token-mean loss, while keeping Adam's per-weight scaling.
+    """
+    rows = mask.sum(-1) > 0  # (B,) samples that enter the loss
+    if not rows.any():
+        return 0.0
+    informative = ((advantages != 0) & (mask > 0)).any(-1)  # (B,)
+    return (informative & rows).sum().item() / rows.sum().item()

@@ -30,6 +30,7 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # (B, T) log-probs of the frozen reference policy, when KL is used
     values: torch.Tensor | None = None  # (B, T) critic's V(input_ids[:, :t]) before the step, when a critic is used
     returns: torch.Tensor | None = None  # (B, T) the critic's regression targets
+    group_ids: torch.Tensor | None = None  # (B,) long, the group each row belongs to; minibatches keep groups whole
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -38,9 +39,15 @@ class TrainBatch:
         return replace(self, **{f.name: v[index] for f in fields(self) if (v := getattr(self, f.name)) is not None})
 
     def split(self, n: int, generator: torch.Generator | None = None) -> list[TrainBatch]:
-        """Shuffle rows and cut them into ``n`` minibatches of near-equal size."""
-        order = torch.randperm(len(self), generator=generator)
-        return [self.select(chunk) for chunk in order.tensor_split(n)]
+        """Shuffle and cut into ``n`` minibatches of near-equal size; with ``group_ids``, whole groups are shuffled
+        and cut (when there are at least ``n`` groups), so each update sees every member of a group: their
+        advantages sum to zero, and on the prefix they share their gradients cancel instead of arriving one
+        update apart."""
+        if self.group_ids is None or len(groups := self.group_ids.unique()) < n:
+            order = torch.randperm(len(self), generator=generator)
+            return [self.select(chunk) for chunk in order.tensor_split(n)]
+        shuffled = groups[torch.randperm(len(groups), generator=generator)]
+        return [self.select(torch.isin(self.group_ids, part).nonzero().squeeze(-1)) for part in shuffled.tensor_split(n)]
 
 
 @dataclass
@@ -102,7 +109,9 @@ class TrainEngine(Protocol):
         """Number of optimizer steps taken through ``train_step`` (one per RL step)."""
         ...
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int, epochs: int) -> dict[str, float]: ...
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int, epochs: int, lr_scale: float = 1.0) -> dict[str, float]:
+        """``epochs`` passes over ``batch`` in ``minibatches`` updates each, at ``lr_scale`` × the learning rate."""
+        ...
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Per-token log-probs (B, T) of ``batch`` under the current weights, without gradients."""

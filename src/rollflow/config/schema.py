@@ -140,6 +140,9 @@ class TrainConfig(Section):
     """Optimizer updates per epoch; the step's samples are shuffled and cut into this many."""
     epochs_per_step: int = Field(1, ge=1)
     """Passes over the step's samples."""
+    whole_groups: bool = True
+    """Minibatches take whole groups (when there are at least as many groups as minibatches), so the samples of one
+    prompt, whose advantages sum to zero, update together; False: samples are shuffled one by one."""
 
 
 class CriticConfig(Section):
@@ -183,6 +186,10 @@ class AlgoConfig(Section):
     """KL estimator: k1, k2 or k3 (see `rollflow list algos`)."""
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL goes: a loss term (GRPO) or a per-token penalty in the reward (PPO/RLHF style)."""
+    lr_by_signal: bool = False
+    """Scale each step's learning rate by the share of its samples with a non-zero advantage (a group whose rewards
+    all agree has none): Adam would otherwise take a full-size step on the signal of one odd sample, which lets RL
+    degrade a task the policy already solves (see docs/architecture.md, "RL on a solved task")."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop each group whose rewards are all equal (no signal) and admit a new one in its place."""
     max_dropped_per_step: int = Field(64, ge=0)
@@ -217,6 +224,9 @@ class EvalConfig(Section):
     """Greedy held-out accuracy every this many RL steps (0: only at start, after SFT and at the end)."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest greedy answer."""
+    keep_best: bool = True
+    """Save as run_dir/model the weights of the best held-out evaluation (initial, after SFT, every eval.every
+    steps, final; a tie keeps the earlier), as Hugging Face's load_best_model_at_end; False: the final weights."""
 
 
 class RoleConfig(Section):

@@ -36,23 +36,32 @@ def minibatch_updates(
     minibatches: int,
     epochs: int,
     generator: torch.Generator,
+    lr_scale: float = 1.0,
 ) -> dict[str, float]:
     """``epochs`` shuffled passes over ``batch``, each cut into ``minibatches`` clipped optimizer updates of
-    ``loss(minibatch)``; returns every metric (and loss, grad_norm) averaged over the updates."""
+    ``loss(minibatch)`` at ``lr_scale`` × each group's learning rate; returns every metric (and loss, grad_norm)
+    averaged over the updates."""
     if minibatches > len(batch):
         raise ValueError(f"cannot cut {len(batch)} samples into {minibatches} minibatches; lower minibatches_per_step")
     totals: dict[str, float] = {}
     updates = 0
-    for _ in range(epochs):
-        for mb in batch.split(minibatches, generator):
-            out = loss(mb)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v
-            updates += 1
+    base = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] *= lr_scale
+    try:
+        for _ in range(epochs):
+            for mb in batch.split(minibatches, generator):
+                out = loss(mb)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                updates += 1
+    finally:
+        for group, lr in zip(optimizer.param_groups, base):
+            group["lr"] = lr
     return {k: v / updates for k, v in totals.items()}
 
 
@@ -82,14 +91,15 @@ class TorchTrainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int = 1, epochs: int = 1) -> dict[str, float]:
-        """``epochs`` passes over ``batch``, each cut into ``minibatches`` optimizer updates; then version += 1."""
+    def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int = 1, epochs: int = 1, lr_scale: float = 1.0) -> dict[str, float]:
+        """``epochs`` passes over ``batch``, each cut into ``minibatches`` optimizer updates at ``lr_scale`` × the
+        learning rate; then version += 1."""
 
         def loss(mb: TrainBatch) -> LossOutput:
             logp, entropy = token_logprobs(self.model, mb, self.temperature)
             return loss_fn(logp, entropy, mb)
 
-        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss, minibatches, epochs, self.generator)
+        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss, minibatches, epochs, self.generator, lr_scale)
         self._version += 1
         return metrics
 

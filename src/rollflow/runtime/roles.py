@@ -100,6 +100,13 @@ class RolloutWorker:
         cells = [Generated(uid, GenerationCell.of(g, h), started, finished) for (uid, _), g, h in zip(items, gens, handles)]
         return RolloutResult(cells, self.engine.version, started, finished, pickup)
 
+    @dispatch(Mode.FIRST)
+    def save(self, save: Callable[[Any], None]) -> int:
+        """Run ``save(model)`` on the weights this worker last generated with (e.g. the ones just evaluated);
+        returns their version."""
+        save(self.engine.model)  # type: ignore[attr-defined]  # the HF engine's model; other engines name theirs so
+        return self.engine.version
+
 
 @dataclass
 class Referenced:
@@ -192,6 +199,7 @@ class Algorithm:
     shape: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (rewards (B,), lengths (B,)) -> (B,)
     kl_reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (behav, ref) (B, T) -> reward (B, T)
     value_loss: Callable[[torch.Tensor, TrainBatch], LossOutput] | None = None  # (values (B, T), batch) -> loss
+    lr_scale: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # (advantages, mask) (B, T) -> step's lr factor
 
 
 class TrainerWorker:
@@ -205,12 +213,13 @@ class TrainerWorker:
         epochs: int,
         payloads: Payloads | None = None,
         critic: CriticEngine | None = None,
+        whole_groups: bool = True,
     ) -> None:
         if algorithm.needs_critic and (critic is None or algorithm.value_loss is None):
             raise ValueError("the advantage estimator needs a critic: build the trainer with a critic engine and a value loss")
         self.engine, self.transport, self.pad_id = engine, transport, pad_id
         self.algo, self.critic = algorithm, critic
-        self.minibatches, self.epochs = minibatches, epochs
+        self.minibatches, self.epochs, self.whole_groups = minibatches, epochs, whole_groups
         self.payloads = payloads or LocalPayloads()
 
     @dispatch(Mode.FIRST)
@@ -257,7 +266,11 @@ class TrainerWorker:
         recompute = self.algo.proximal == "recomputed" and lag.numel() > 0 and bool((lag > 0).any())
         if recompute:
             batch.old_logprobs = torch.where(mask.bool(), self.engine.compute_logprobs(batch), batch.behav_logprobs)
-        metrics.update(self.engine.train_step(batch, self.algo.loss, self.minibatches, self.epochs))
+        if self.whole_groups:
+            batch.group_ids = torch.arange(len(groups)).repeat_interleave(torch.tensor([len(g) for g in groups]))  # (B,)
+        lr_scale = self.algo.lr_scale(batch.advantages, mask) if self.algo.lr_scale is not None else 1.0
+        metrics["train/lr_scale"] = lr_scale
+        metrics.update(self.engine.train_step(batch, self.algo.loss, self.minibatches, self.epochs, lr_scale=lr_scale))
         if self.critic is not None and self.algo.value_loss is not None:
             critic_metrics = self.critic.train_step(batch, self.algo.value_loss, self.minibatches, self.epochs)
             metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
