@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(config), end="")
         return 0
     from rollflow.recipes import train  # heavy imports (torch, transformers) only once the config is valid
+    from rollflow.runtime.backend import WorkerStartError
     from rollflow.tasks import RewardFnError, TaskDataError
 
     try:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskDataError, RewardFnError, FileNotFoundError) as e:  # the user's input, already named in the message
         print(f"rollflow: {e}", file=sys.stderr)
         return 2
+    except WorkerStartError as e:  # the worker's own error in one line: its traceback would only show Ray's code
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

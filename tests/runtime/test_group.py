@@ -1,6 +1,10 @@
+from functools import partial
+
 import pytest
 
+from rollflow.runtime.backend import InlineBackend, Resources, WorkerStartError
 from rollflow.runtime.group import Mode, WorkerGroup, chunks, dispatch
+from rollflow.runtime.ray_backend import RayBackend
 
 
 @pytest.mark.parametrize("n_items, n_chunks", [(10, 3), (9, 3), (2, 3), (0, 2), (7, 1), (5, 5)])
@@ -82,3 +86,59 @@ def test_non_dispatch_method_is_an_attribute_error_naming_it(group, name):
 def test_group_needs_a_worker():
     with pytest.raises(ValueError, match="worker group 'empty' needs at least one worker"):
         WorkerGroup("empty", [])
+
+
+# --- workers that cannot be built ------------------------------------------------------------------------------
+
+
+def build_worker(idx: int) -> FakeWorker:
+    if idx == 1:
+        raise_from_user_code()
+    return FakeWorker(idx)
+
+
+def raise_from_user_code():
+    raise RuntimeError("CUDA is not available on this node")
+
+
+def driver_only_module():
+    raise ModuleNotFoundError("No module named 'only_on_the_driver'")
+
+
+class ImportableOnlyInTheDriver:
+    """Unpickling it fails as a reference to a module the worker lacks would: before the worker's constructor runs."""
+
+    def __reduce__(self):
+        return driver_only_module, ()
+
+
+def test_inline_factory_error_names_the_worker_and_its_cause():
+    with pytest.raises(WorkerStartError, match=r"^worker fake/1 failed to start: RuntimeError: CUDA is not available "
+                       r"on this node \(at .*test_group\.py:\d+, in raise_from_user_code\)$") as info:
+        WorkerGroup.spawn(InlineBackend(), "fake", FakeWorker, [partial(build_worker, i) for i in range(3)], Resources())
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+@pytest.fixture(scope="module")
+def ray_backend():
+    backend = RayBackend(num_cpus=2)  # a private Ray: its workers import this module through the driver's path
+    yield backend
+    backend.shutdown()
+
+
+def test_ray_factory_error_stops_the_spawn_naming_the_worker_and_its_cause(ray_backend):
+    group = WorkerGroup.spawn(ray_backend, "fake", FakeWorker, [partial(build_worker, i) for i in range(2)], Resources(0))
+    with pytest.raises(WorkerStartError, match=r"^worker fake/1 failed to start: RuntimeError: CUDA is not available "
+                       r"on this node \(at .*test_group\.py:\d+, in raise_from_user_code\)$"):
+        ray_backend.wait_started(group.workers)
+    with pytest.raises(WorkerStartError, match=r"worker fake/1 failed to start"):  # as is every later call on it
+        ray_backend.result(group.submit(1, "ping", "hi"))
+    assert ray_backend.result(group.submit(0, "ping", "hi")) == "0:hi"  # the others were built
+
+
+def test_ray_worker_whose_arguments_cannot_be_unpickled_is_named(ray_backend):
+    factory = partial(FakeWorker, ImportableOnlyInTheDriver())
+    [worker] = WorkerGroup.spawn(ray_backend, "rollout", FakeWorker, [factory], Resources(0)).workers
+    with pytest.raises(WorkerStartError,
+                       match=r"^worker rollout/0 failed to start: ModuleNotFoundError: No module named 'only_on_the_driver'$"):
+        ray_backend.wait_started([worker])

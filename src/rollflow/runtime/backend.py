@@ -7,6 +7,9 @@ deterministic and debuggable; ``RayBackend`` (``runtime.ray_backend``) runs each
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,6 +19,29 @@ from rollflow.runtime.weights import InlineWeightTransport
 
 class WorkerLost(RuntimeError):
     """A worker is gone (its process died, its node left). The calls it held are infrastructure faults: retried."""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not be built (its factory raised): the run stops before it starts, naming the worker."""
+
+    @classmethod
+    def from_error(cls, name: str, error: BaseException) -> WorkerStartError:
+        """One line: the worker (``role/index``), the error's type and message, and where it was raised."""
+        return cls(f"worker {name} failed to start: {type(error).__name__}: {error}{_where(error)}")
+
+
+def in_interpreter(path: str) -> bool:
+    """Whether ``path`` lies in the interpreter's own directories (the standard library, installed packages)."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    return any(path == d or path.startswith(os.path.join(d, "")) for d in dirs)
+
+
+def _where(error: BaseException) -> str:
+    # The innermost frame of code a reader can act on (the user's or rollflow's): not the interpreter's own, nor a
+    # frozen importlib frame ("<frozen ...>").
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith("<") and not in_interpreter(f.filename)]
+    return f" (at {frames[-1].filename}:{frames[-1].lineno}, in {frames[-1].name})" if frames else ""
 
 
 @dataclass(frozen=True)
@@ -51,7 +77,13 @@ class Backend(Protocol):
     name: str
     payloads: Payloads
 
-    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any: ...
+    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
+        """Start building worker ``name`` (``role/index``); may return before it is built."""
+        ...
+
+    def wait_started(self, workers: list[Any]) -> None:
+        """Block until every spawned worker is built; raise ``WorkerStartError`` for the first that could not be."""
+        ...
 
     def make_pool(self, name: str, num_cpus: float, members: int) -> None: ...
 
@@ -87,7 +119,13 @@ class InlineBackend:
         self.payloads = LocalPayloads()
 
     def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
-        return factory()  # threads: this process's setting applies to every inline worker
+        try:
+            return factory()  # threads: this process's setting applies to every inline worker
+        except Exception as e:
+            raise WorkerStartError.from_error(name, e) from e
+
+    def wait_started(self, workers: list[Any]) -> None:
+        pass  # built by ``spawn`` already
 
     def make_pool(self, name: str, num_cpus: float, members: int) -> None:
         pass  # one process: every worker already shares everything

@@ -6,12 +6,19 @@ posts only its reference on a tiny board actor, from which rollout workers fetch
 
 On one machine ``RayBackend`` starts a private Ray with the configured CPUs; with ``address='auto'`` (or
 ``host:port``) it joins a cluster started by ``ray start`` and leaves it running afterwards.
+
+A worker's factory is pickled to its actor, and what it holds by reference (a user's reward function from a module)
+must be importable there. Ray itself passes on only the driver's working directory and script directory, as they
+were at ``ray.init``, so every worker also gets the driver's import path (``driver_import_path``) as its
+``PYTHONPATH``: what the driver can import, its workers can (on another node, where the same directories exist).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,19 +28,33 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rollflow.api import VersionedWeights
-from rollflow.runtime.backend import Resources, WorkerLost
+from rollflow.runtime.backend import Resources, WorkerLost, WorkerStartError, in_interpreter
 
 
 @ray.remote
 class _Host:
-    """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built."""
+    """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built.
 
-    def __init__(self, factory: Callable[[], Any], torch_threads: int) -> None:
+    A factory that raises leaves the actor alive with the error in one line, for ``start_error``: Ray's own report
+    of a failed constructor is a traceback of its machinery, printed after the fact (and a restartable actor would
+    be rebuilt, failing again)."""
+
+    def __init__(self, name: str, factory: Callable[[], Any], torch_threads: int) -> None:
         self.torch_threads = torch_threads
         torch.set_num_threads(torch_threads)
-        self.worker = factory()
+        self.worker: Any = None
+        self.error: str | None = None
+        try:
+            self.worker = factory()
+        except Exception as e:
+            self.error = str(WorkerStartError.from_error(name, e))
+
+    def start_error(self) -> str | None:
+        return self.error
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            raise WorkerStartError(self.error)
         # OpenMP's thread count is per calling thread; a threaded actor runs calls off the main thread, where it would
         # otherwise fall back to Ray's OMP_NUM_THREADS.
         torch.set_num_threads(self.torch_threads)
@@ -92,19 +113,49 @@ class RayWeightTransport:
         return ray.get(box[0]) if version > newer_than else None
 
 
+def driver_import_path() -> str:
+    """This process's ``sys.path`` as a ``PYTHONPATH``, less the interpreter's own directories (which every worker
+    has already, in their own order)."""
+    paths = dict.fromkeys(os.path.abspath(p or os.curdir) for p in sys.path)  # '' is the working directory
+    return os.pathsep.join(p for p in paths if os.path.exists(p) and not in_interpreter(p))
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _last_line(error: ray.exceptions.RayActorError) -> str:
+    # Ray's message ends with the root cause ("ModuleNotFoundError: No module named 'x'") under its own traceback.
+    lines = [line for line in str(getattr(error, "error_msg", error)).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 class RayBackend:
     name = "ray"
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
         self.owns_ray = not ray.is_initialized()
-        if self.owns_ray:
-            if address is None:
+        self.private = self.owns_ray and address is None
+        if self.private:
+            # Its workers are children of the raylet started here and inherit its environment: the driver's import
+            # path at no cost. Elsewhere each actor gets it in a runtime_env, which costs it a fresh process.
+            with _environ("PYTHONPATH", driver_import_path()):
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
-            else:
-                ray.init(address=address, log_to_driver=True)
+        elif self.owns_ray:
+            ray.init(address=address, log_to_driver=True)
         self.payloads = RayPayloads()
         self._pools: dict[str, Any] = {}
         self._actors: list[Any] = []
+        self._names: dict[Any, str] = {}
 
     def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
         options: dict[str, Any] = {
@@ -112,13 +163,29 @@ class RayBackend:
             "max_concurrency": resources.concurrency,
             "max_restarts": -1 if resources.restartable else 0,
         }
+        if not self.private:
+            options["runtime_env"] = {"env_vars": {"PYTHONPATH": driver_import_path()}}
         if resources.pool is not None:
             pg, share = self._pools[resources.pool]
             options["num_cpus"] = share
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        actor = _Host.options(**options).remote(factory, resources.torch_threads)
+        actor = _Host.options(**options).remote(name, factory, resources.torch_threads)
         self._actors.append(actor)
+        self._names[actor] = name
         return actor
+
+    def wait_started(self, workers: list[Any]) -> None:
+        """Reports the first failure to arrive, not the first worker's: a slow worker does not delay the news."""
+        pending = {worker.start_error.remote(): worker for worker in workers}
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            worker = pending.pop(done)
+            try:
+                error = ray.get(done)
+            except ray.exceptions.RayActorError as e:  # died before its constructor ran, e.g. unpicklable arguments
+                raise WorkerStartError(f"worker {self._names[worker]} failed to start: {_last_line(e)}") from None
+            if error is not None:
+                raise WorkerStartError(error)
 
     def make_pool(self, name: str, num_cpus: float, members: int) -> None:
         """One bundle of ``num_cpus`` on one node, shared by ``members`` workers that take turns on it."""
@@ -148,6 +215,6 @@ class RayBackend:
             ray.kill(actor)
         for pg, _ in self._pools.values():
             remove_placement_group(pg)
-        self._actors, self._pools = [], {}
+        self._actors, self._pools, self._names = [], {}, {}
         if self.owns_ray:
             ray.shutdown()

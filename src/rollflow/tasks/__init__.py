@@ -7,7 +7,7 @@ from typing import Any
 from rollflow.api import Task
 from rollflow.tasks.addition import AdditionTask
 from rollflow.tasks.file_task import FileTask, TaskDataError
-from rollflow.tasks.reward_fn import RewardFnError, load_reward_fn
+from rollflow.tasks.reward_fn import RewardFnError, RewardSpec, check_reward, load_reward_fn
 from rollflow.tasks.sorting import SortingTask
 
 BUILTIN: dict[str, type] = {"addition": AdditionTask, "sorting": SortingTask, "file": FileTask}
@@ -22,4 +22,7 @@ def build_task(config: Any, seed: int = 0) -> Task:
     return cls(**fields)
 
 
-__all__ = ["AdditionTask", "BUILTIN", "FileTask", "RewardFnError", "SortingTask", "TaskDataError", "build_task", "load_reward_fn"]
+__all__ = [
+    "AdditionTask", "BUILTIN", "FileTask", "RewardFnError", "RewardSpec", "SortingTask", "TaskDataError", "build_task",
+    "check_reward", "load_reward_fn",
+]

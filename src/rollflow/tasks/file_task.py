@@ -22,8 +22,8 @@ from typing import Any
 import datasets
 import pyarrow.parquet as pq
 
-from rollflow.api import Problem, RewardResult
-from rollflow.tasks.reward_fn import call_reward_fn, exact_match, load_reward_fn
+from rollflow.api import Problem, RewardFn, RewardResult
+from rollflow.tasks.reward_fn import RewardSpec, call_reward_fn, exact_match
 
 LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -109,7 +109,9 @@ def read_problems(path: str, key: str, prompt_column: str, answer_column: str) -
 class FileTask:
     """Problems from a file; scored by ``reward_fn`` (a spec for ``load_reward_fn``) or by ``exact_match``.
 
-    The sample index in a reward function's error message counts ``verify`` calls on this object.
+    The function is loaded here, so that a bad spec fails at construction, and travels as its spec (``RewardSpec``)
+    when the task is pickled to a worker. The sample index in a reward function's error message counts ``verify``
+    calls on this object.
     """
 
     name = "file"
@@ -144,7 +146,11 @@ class FileTask:
             self._eval = [p for i, p in enumerate(rows) if i in held_out]
             self._train = [p for i, p in enumerate(rows) if i not in held_out]
         self._reward_name = reward_fn or "rollflow.tasks.reward_fn:exact_match"
-        self._reward_fn = load_reward_fn(reward_fn) if reward_fn else exact_match
+        self._reward_fn: RewardFn = exact_match
+        if reward_fn:
+            spec = RewardSpec(reward_fn)
+            spec.load()
+            self._reward_fn = spec
         self._calls = itertools.count()
 
     def alphabet(self) -> str:

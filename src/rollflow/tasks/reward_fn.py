@@ -1,9 +1,13 @@
 """User reward functions: load one from a spec string, call it, and turn every misbehaviour into an error.
 
-A spec is ``"package.module:function"`` (imported from ``sys.path``) or ``"path/to/file.py:function"`` (executed
-as a fresh module each time it is loaded; its directory is *not* added to ``sys.path``, so it cannot import its
-neighbours unless they are importable anyway). Processes that need the function should each load it from the
-spec rather than receive the function object: a function from a file spec cannot be pickled by reference.
+A spec is ``"package.module:function"`` (imported with the working directory first on ``sys.path``, as
+``python -m`` and pytest do, so ``my_reward:score`` finds ``./my_reward.py``) or ``"path/to/file.py:function"``
+(relative to the working directory; executed as a fresh module each time it is loaded; its directory is *not* added
+to ``sys.path``, so it cannot import its neighbours unless they are importable anyway).
+
+``RewardSpec`` is the function as its spec: pickled, it carries the spec and the working directory it was made in,
+and each process that calls it loads the function there. A function from a file lives in a private module that
+exists only where the file was executed, so it cannot be pickled by reference; a spec can.
 
 Nothing here turns an exception into a reward of 0.0: a reward function that raises or returns something that is
 not a finite number or a ``RewardResult`` stops the run with an error naming the function and the sample.
@@ -17,11 +21,14 @@ import importlib
 import importlib.util
 import math
 import numbers
+import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from rollflow.api import Problem, RewardFn, RewardResult
+from rollflow.api import Problem, RewardFn, RewardResult, Task
 
 SPEC_FORMS = "'package.module:function' or 'path/to/file.py:function'"
 
@@ -58,24 +65,28 @@ def _module_from_file(spec: str, path: Path) -> ModuleType:
     return module
 
 
-def _import(spec: str, target: str) -> ModuleType:
+def _import(spec: str, target: str, cwd: str) -> ModuleType:
     if target.endswith(".py"):
-        return _module_from_file(spec, Path(target))
+        return _module_from_file(spec, Path(cwd, target))  # an absolute target stays as it is
+    if not any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        sys.path.insert(0, cwd)  # kept: the module may import its neighbours later, from inside the function
     try:
         return importlib.import_module(target)
     except Exception as e:  # a module can raise anything at import time, not only ImportError
         raise RewardFnError(
             f"reward fn {spec!r}: cannot import module {target!r} ({type(e).__name__}: {e}); make it importable "
-            f"(install it or add its directory to PYTHONPATH) or give a file path, {SPEC_FORMS}"
+            f"(put it in the working directory {cwd!r}, install it or add its directory to PYTHONPATH) "
+            f"or give a file path, {SPEC_FORMS}"
         ) from e
 
 
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import the function named by ``spec``; see the module docstring for the two forms."""
+def load_reward_fn(spec: str, cwd: str | None = None) -> RewardFn:
+    """Import the function named by ``spec``; see the module docstring for the two forms. ``cwd`` stands in for
+    the working directory (default: this process's)."""
     target, _, attr = spec.rpartition(":")  # rpartition: a Windows drive letter holds a colon too
     if not target or not attr:
         raise RewardFnError(f"reward fn spec {spec!r} is malformed; expected {SPEC_FORMS}")
-    module = _import(spec, target)
+    module = _import(spec, target, os.path.abspath(cwd or os.curdir))
     if not hasattr(module, attr):
         callables = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         close = difflib.get_close_matches(attr, callables, n=3)
@@ -88,6 +99,46 @@ def load_reward_fn(spec: str) -> RewardFn:
             "point the spec at a function taking (problem, response)"
         )
     return fn
+
+
+class RewardSpec:
+    """A reward function that travels as its spec and is loaded, once, in each process that calls it."""
+
+    def __init__(self, spec: str, cwd: str | None = None) -> None:
+        self.spec = spec
+        self.cwd = os.path.abspath(cwd or os.curdir)  # the driver's, also in a worker whose own may differ
+        self._fn: RewardFn | None = None
+        self._lock = threading.Lock()  # a reward worker may score on several threads
+
+    def load(self) -> RewardFn:
+        with self._lock:
+            if self._fn is None:
+                self._fn = load_reward_fn(self.spec, self.cwd)
+            return self._fn
+
+    def __call__(self, problem: Problem, response: str) -> Any:
+        return self.load()(problem, response)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return RewardSpec, (self.spec, self.cwd)  # not the function: the receiver loads its own
+
+    def __repr__(self) -> str:
+        return f"RewardSpec({self.spec!r}, cwd={self.cwd!r})"
+
+
+def check_reward(task: Task, seed: int) -> None:
+    """Score the first training problem's reference answer once, here, so that a reward function that cannot be
+    called stops the run in its first seconds rather than after the model is built and warmed up.
+
+    Only that the call works is checked, not its value: a reward need not give the reference full marks.
+    """
+    problem = next(iter(task.train_problems(seed)))
+    try:
+        task.verify(problem, task.reference(problem))
+    except RewardFnError as e:
+        raise RewardFnError(
+            f"{e} (checked before training: the first training problem, its reference answer as the response)"
+        ) from e
 
 
 def call_reward_fn(fn: RewardFn, name: str, problem: Problem, response: str, index: int) -> RewardResult:
