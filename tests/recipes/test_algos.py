@@ -110,3 +110,19 @@ def test_preset_lifts_accuracy_over_the_sft_checkpoint(preset, sft_checkpoint, t
     result = rollflow.train(config)
     assert result.summary["accuracy_after_sft"] == acc_sft
     assert result.summary["accuracy_final"] >= acc_sft + 0.1, f"{preset}: {acc_sft} → {result.summary['accuracy_final']}"
+
+
+@pytest.mark.slow
+def test_keep_best_saves_the_best_evaluated_model_when_rl_damages_it(sft_checkpoint, tmp_path):
+    model, acc_sft = sft_checkpoint
+    result = rollflow.train(rollflow.load_config(overrides=[
+        *SMALL, f"model.path={model}", "sft.steps=0", "train.steps=4", "train.lr=0.05", "algo.lr_by_signal=false",
+        "eval.every=2", "rollout.prompts_per_step=8", f"run_dir={tmp_path / 'damaged'}",
+    ]))
+    s = result.summary
+    assert s["accuracy_final"] < acc_sft - 0.2  # a learning rate this large wrecks the policy
+    assert (s["accuracy_best"], s["best_step"], s["saved_model"]) == (acc_sft, 0, "best")
+    kept = rollflow.train(rollflow.load_config(overrides=[
+        *SMALL, f"model.path={tmp_path / 'damaged' / 'model'}", "sft.steps=0", "train.steps=0", f"run_dir={tmp_path / 'kept'}",
+    ]))
+    assert kept.summary["accuracy_initial"] == acc_sft  # model/ holds the policy RL started from, not the wreck

@@ -66,8 +66,9 @@ def test_saved_model_reloads_with_model_path(run, tmp_path):
     tok = AutoTokenizer.from_pretrained(saved)
     assert model.config.hidden_size == 16 and tok("12+3").input_ids == [tok.convert_tokens_to_ids(c) for c in "12+3"]
     again = rollflow.train(rollflow.load_config(overrides=[*TINY, "sft.steps=0", "train.steps=1", f"model.path={saved}", f"run_dir={tmp_path}"]))
-    # the reloaded model is the trained one: its initial accuracy is the first run's final accuracy
-    assert again.summary["accuracy_initial"] == run.summary["accuracy_final"]
+    # the reloaded model is the kept one (eval.keep_best: the best evaluated): its accuracy is the first run's best
+    assert run.summary["saved_model"] == "best"
+    assert again.summary["accuracy_initial"] == run.summary["accuracy_best"]
 
 
 def test_python_api_with_custom_reward(tmp_path):
@@ -120,3 +121,21 @@ def test_cli_reports_bad_user_input_without_a_traceback(tmp_path, capsys):
     assert "bad.jsonl" in err and "prompt" in err and "Traceback" not in err
     assert main(["train", f"model.path={tmp_path / 'nowhere'}", f"run_dir={tmp_path / 'out'}", "progress=false"]) == 2
     assert "model.path" in capsys.readouterr().err
+
+
+def test_best_model_keeps_the_first_of_the_best_evaluations(tmp_path):
+    from rollflow.recipes.grpo import BestModel
+
+    class Rollout:  # stands in for the rollout group: "saves" by recording which evaluation it held
+        def __init__(self):
+            self.held, self.saved = None, []
+
+        def save(self, fn):
+            self.saved.append(self.held)
+
+    rollout, best = Rollout(), BestModel(tmp_path / "model", tokenizer=None)
+    for step, acc in [(-3, 0.2), (0, 0.5), (2, 0.4), (4, 0.5), (6, 0.7), (8, 0.6)]:
+        rollout.held = step
+        best.offer(step, acc, rollout)
+    assert rollout.saved == [-3, 0, 6]  # strictly better only: the tie at step 4 keeps step 0
+    assert (best.step, best.accuracy) == (6, 0.7)

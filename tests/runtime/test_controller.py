@@ -369,9 +369,9 @@ class Spy:
     def version(self) -> int:
         return self.engine.version
 
-    def train_step(self, batch, loss_fn, minibatches, epochs):
+    def train_step(self, batch, loss_fn, minibatches, epochs, lr_scale=1.0):
         self.batches.append(batch)
-        return self.engine.train_step(batch, loss_fn, minibatches, epochs)
+        return self.engine.train_step(batch, loss_fn, minibatches, epochs, lr_scale)
 
     def export_weights(self):
         return self.engine.export_weights()

@@ -186,7 +186,7 @@ class AlgoConfig(Section):
     """KL estimator: k1, k2 or k3 (see `rollflow list algos`)."""
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL goes: a loss term (GRPO) or a per-token penalty in the reward (PPO/RLHF style)."""
-    lr_by_signal: bool = False
+    lr_by_signal: bool = True
     """Scale each step's learning rate by the share of its samples with a non-zero advantage (a group whose rewards
     all agree has none): Adam would otherwise take a full-size step on the signal of one odd sample, which lets RL
     degrade a task the policy already solves (see docs/architecture.md, "RL on a solved task")."""

@@ -12,6 +12,7 @@ import copy
 import functools
 import inspect
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 import torch
 import transformers
 
-from rollflow.algos import ADVANTAGES, CORRECTIONS, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, value_loss_fn
+from rollflow.algos import (
+    ADVANTAGES, CORRECTIONS, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, signal_share, value_loss_fn,
+)
 from rollflow.api import COLUMNS, REFERENCE, Problem, RewardFn, RewardResult, SamplingParams, Status, Task
 from rollflow.config import Config, dump_config
 from rollflow.config.schema import RuntimeConfig
@@ -39,7 +42,7 @@ from rollflow.runtime.trace import Tracer
 from rollflow.runtime.tracking import Tracker
 from rollflow.tasks import build_task
 from rollflow.tasks.latency import with_reward_latency
-from rollflow.tasks.reward_fn import call_reward_fn
+from rollflow.tasks.reward_fn import call_reward_fn, check_reward
 
 
 @dataclass
@@ -134,6 +137,7 @@ def build_algorithm(config: Config) -> Algorithm:
         kl_reward=functools.partial(kl_penalty_rewards, coef=a.kl_coef, estimator=a.kl_estimator)
         if a.kl_coef > 0 and a.kl_in == "reward" else None,
         value_loss=value_loss_fn(clip=a.critic.value_clip) if needs_critic else None,
+        lr_scale=signal_share if a.lr_by_signal else None,
     )
 
 
@@ -156,7 +160,7 @@ def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, pay
     if algorithm.needs_critic:  # the critic starts from the policy's weights (after SFT, when the recipe asks)
         critic = TorchCriticEngine(ValueModel(copy.deepcopy(model)), lr=config.algo.critic.lr, grad_clip=t.grad_clip, seed=config.seed)
     return TrainerWorker(engine, transport, pad_id, algorithm, minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
-                         payloads=payloads, critic=critic)
+                         payloads=payloads, critic=critic, whole_groups=t.whole_groups)
 
 
 def _reference_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> ReferenceWorker:
@@ -164,8 +168,33 @@ def _reference_worker(model: Any, pad_id: int, config: Config, transport: Any, p
 
 
 def _save(tokenizer: Any, path: Path, model: Any) -> None:
+    """Write a Hugging Face checkpoint to ``path`` atomically: a reader sees the old folder or the new one, whole."""
     transformers.utils.logging.disable_progress_bar()  # may run in a worker process
-    save_pretrained(model, tokenizer, path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tokenizer, tmp)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class BestModel:
+    """``eval.keep_best``: ``path`` holds the weights of the best held-out evaluation so far, saved from the rollout
+    worker that was evaluated (worker 0), so what is kept is exactly what was scored. Strictly better replaces it:
+    a tie keeps the earlier model. The best accuracy is chosen on the held-out set, so it is optimistic as an
+    estimate of unseen data; report it beside the final accuracy, not instead of it."""
+
+    path: Path
+    tokenizer: Any
+    accuracy: float = float("-inf")
+    step: int | None = None
+
+    def offer(self, step: int, accuracy: float, rollout: WorkerGroup) -> None:
+        if accuracy > self.accuracy:
+            rollout.save(functools.partial(_save, self.tokenizer, self.path))
+            self.accuracy, self.step = accuracy, step
 
 
 @dataclass
@@ -201,6 +230,9 @@ def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, toke
             functools.partial(_reference_worker, copy.deepcopy(model), tokenizer.pad_token_id, config, transport, payloads)
             for _ in range(rt.reference.workers)
         ], Resources(rt.reference.num_cpus, rt.reference.torch_threads))
+    # One wait for all groups, so that their workers are built at the same time; a factory that failed stops the run
+    # here with its own error rather than at the first call.
+    backend.wait_started([w for g in (rollout, reward, trainer, reference) if g is not None for w in g.workers])
     return Workers(rollout, reward, trainer, reference)
 
 
@@ -229,6 +261,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     task = task or build_task(config.task, config.seed)
     if reward_fn is not None:
         task = with_reward_fn(task, reward_fn)
+    check_reward(task, config.seed)  # before any expensive work
     lat = config.reward_latency
     train_task = with_reward_latency(task, lat.median, lat.sigma, lat.max, config.seed) if lat.median > 0 else task
     model, tokenizer = build_model(config, task)
@@ -248,14 +281,19 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
 
         history: list[dict[str, Any]] = []
         with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress) as tracker:
+            best = BestModel(run_dir / "model", tokenizer) if config.eval.keep_best else None
             acc_initial = publish_and_eval()
             tracker.log_eval(0, acc_initial, "initial")
+            if best is not None:
+                best.offer(-config.sft.steps, acc_initial, rollout)
             acc_sft = acc_initial
             if config.sft.steps:
                 trainer.set_threads(config.sft.torch_threads)
                 run_sft(trainer, task, tokens, config, tracker)
                 acc_sft = publish_and_eval()
                 tracker.log_eval(0, acc_sft, "after SFT")
+                if best is not None:
+                    best.offer(0, acc_sft, rollout)
             trainer.set_threads(rl_threads)
             trainer.set_lr(t.lr)
             trainer.init_critic()
@@ -299,6 +337,8 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
                     record["eval/accuracy"] = acc
+                    if best is not None:
+                        best.offer(step, acc, rollout)
                 tracker.log_step(step, record)
                 tracker.log_rollouts([{
                     "uid": row.uid, "step": step, "group": row.group_id, "version": row.generation.version,
@@ -308,12 +348,17 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 history.append({"step": step, **record})
             rl_seconds = time.perf_counter() - rl_start
 
-            trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
+            if best is None:
+                trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
             pipeline = controller.pipeline_summary() if t.steps else {}
             summary = {
                 "accuracy_initial": acc_initial,
                 "accuracy_after_sft": acc_sft,
                 "accuracy_final": acc,
+                "accuracy_best": best.accuracy if best is not None else max(acc_initial, acc_sft, *(
+                    h["eval/accuracy"] for h in history if "eval/accuracy" in h)),
+                "best_step": best.step if best is not None else None,  # ≤ 0: before RL (0 = after SFT)
+                "saved_model": "best" if best is not None else "final",
                 "steps": t.steps,
                 "samples": t.steps * config.samples_per_step,
                 "backend": rt.backend,
