@@ -11,8 +11,10 @@ file next to them, run through the CLI from that folder (``task.reward_fn=reward
     python benchmarks/saturated_tasks.py run DIR --seeds 0 1 2 [key.sub=value ...]
 
 ``run`` trains each task per seed (SFT, then RL at the defaults plus the overrides), prints held-out accuracy after
-SFT, at the end and the best, and the sampled training reward of the first and last steps; writes
-``benchmarks/results/saturated_tasks_<date>.json``.
+SFT, at the end and the best, and the sampled training reward of the first and last fifth of the RL steps; writes
+``benchmarks/results/saturated_tasks_<label>_<date>.json``. To compare RL settings from one SFT checkpoint per task,
+make one with ``train.steps=0 run_dir=sft`` (it lands in ``TASK/sft/model``) and pass ``model.path=sft/model
+sft.steps=0`` (paths are relative to each task's folder, where the CLI runs).
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ def make(root: Path, n_train: int = 4000, n_eval: int = 300) -> list[Path]:
     return dirs
 
 
-def run_one(task_dir: Path, seed: int, overrides: list[str]) -> dict:
-    run_dir = task_dir / "runs" / f"seed{seed}"
+def run_one(task_dir: Path, seed: int, overrides: list[str], label: str) -> dict:
+    run_dir = task_dir / "runs" / (label or "default") / f"seed{seed}"
     cmd = [str(Path(sys.executable).parent / "rollflow"), "train", "task.name=file", "task.path=train.jsonl",
            "task.eval_path=test.jsonl", "task.reward_fn=reward.py:score", f"seed={seed}", f"run_dir={run_dir}",
            "progress=false", "eval.every=10", *overrides]
@@ -124,7 +126,7 @@ def main() -> None:
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.command == "make":
         for d in make(args.root.resolve()):
             print(d)
@@ -133,7 +135,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    runs = [run_one(args.root.resolve() / t, s, args.overrides) for t in args.tasks for s in args.seeds]
+    runs = [run_one(args.root.resolve() / t, s, args.overrides, args.label) for t in args.tasks for s in args.seeds]
     table = Table(title=f"saturated tasks {' '.join(args.overrides)}")
     for col in ("task", "seed", "after SFT", "final", "best", "reward first 20%", "reward last 20%", "wall s"):
         table.add_column(col, justify="right")
