@@ -33,9 +33,11 @@ def test_run_leaves_every_artifact(run):
         assert (d / name).is_file(), name
     assert any((d / "tensorboard").iterdir())
     summary = json.loads((d / "summary.json").read_text())
-    for key in ("accuracy_initial", "accuracy_after_sft", "accuracy_final", "steps", "wall_seconds", "samples_per_second"):
+    for key in ("accuracy_initial", "accuracy_after_sft", "accuracy_final", "accuracy_best", "best_step", "steps", "wall_seconds",
+                "sft_seconds", "samples_per_second"):
         assert key in summary
     assert summary["steps"] == 3 and summary["samples_per_second"] > 0
+    assert 0 < summary["sft_seconds"] < summary["wall_seconds"] - summary["rl_seconds"]
     assert rollflow.load_config(d / "config.yaml").train.steps == 3
 
 

@@ -286,10 +286,12 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             tracker.log_eval(0, acc_initial, "initial")
             if best is not None:
                 best.offer(-config.sft.steps, acc_initial, rollout)
-            acc_sft = acc_initial
+            acc_sft, sft_seconds = acc_initial, 0.0
             if config.sft.steps:
                 trainer.set_threads(config.sft.torch_threads)
+                sft_start = time.perf_counter()
                 run_sft(trainer, task, tokens, config, tracker)
+                sft_seconds = time.perf_counter() - sft_start
                 acc_sft = publish_and_eval()
                 tracker.log_eval(0, acc_sft, "after SFT")
                 if best is not None:
@@ -364,6 +366,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "backend": rt.backend,
                 "staleness": rt.staleness,
                 "wall_seconds": time.perf_counter() - t_start,
+                "sft_seconds": sft_seconds,  # the SFT steps alone, without evaluations
                 "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
                 "samples_per_second": t.steps * config.samples_per_step / pipeline["pipeline_seconds"] if t.steps else 0.0,
                 "infra_retries": controller.infra_retries,
