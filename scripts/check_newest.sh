@@ -5,6 +5,7 @@
 # CUDA builds of several GB. Prints every package whose newest version differs from requirements.lock.
 #   usage: scripts/check_newest.sh [pytest args...]     (default: -m "not slow")
 set -euo pipefail
+export LC_ALL=C  # one collation for sort and join
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -12,7 +13,8 @@ python3 -m venv "$work/venv"
 py="$work/venv/bin/python"
 "$py" -m pip install --quiet --upgrade pip setuptools
 "$py" -m pip install --quiet torch==2.13.0
-"$py" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+echo "torch==2.13.0" > "$work/keep-torch.txt"
+"$py" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$work/keep-torch.txt" -e ".[dev]"
 "$py" -m pip check
 echo "== newest allowed versions that differ from requirements.lock (name: lock -> newest)"
 "$py" -m pip freeze --all --exclude-editable | sed -E 's/\+cpu$//' | sort > "$work/newest.txt"
