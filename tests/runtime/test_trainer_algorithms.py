@@ -50,9 +50,9 @@ class SomeGroupsAgree(FakeReward):
         return scored
 
 
-def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=False, reward=None):
+def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=False, reward=None, engine_cls=None):
     policy = Policy()
-    engine = Recording(model, lr=1e-3)
+    engine = (engine_cls or Recording)(model, lr=1e-3)
     trainer = TrainerWorker(engine, InlineWeightTransport(), tokenizer.pad_token_id, algorithm, 1, 1, critic=critic)
 
     class Versioned(FakeRollout):  # samples at the trainer's real version, so lags are real
@@ -176,3 +176,34 @@ def test_trainer_marks_groups_and_scales_the_step_by_its_signal(tokenizer, make_
         assert scale == pytest.approx(sum(mixed) * N / len(rows))
         assert result.train.metrics["train/lr_scale"] == scale
     assert len(set(engine.lr_scales)) > 1, "the fake policy should give steps with different signal"
+
+
+class SignalOnlyFirst(FakeReward):
+    """The first step's groups score their digits' parity (mixed); every later sample scores 1 (no signal)."""
+
+    def score(self, items):
+        scored = super().score(items)
+        for s in scored:
+            if s.uid >= B:
+                s.cell = RewardCell(RewardResult(1.0), 0.0)
+        return scored
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_steps_without_signal_move_no_weight_only_when_scaled(tokenizer, make_model, scaled):
+    # AdamW's momentum from the first step keeps moving the weights on later steps whose gradient is exactly 0;
+    # scaling the step by its signal share (0 there) stops that.
+    algorithm = Algorithm(ADVANTAGES.get("grpo"), grpo_loss(), lr_scale=signal_share if scaled else None)
+    model = make_model()
+    snapshots = []
+
+    class Snapshot(Recording):
+        def train_step(self, batch, loss_fn, minibatches=1, epochs=1, lr_scale=1.0):
+            out = super().train_step(batch, loss_fn, minibatches, epochs, lr_scale)
+            snapshots.append(torch.cat([p.detach().flatten().clone() for p in self.model.parameters()]))
+            return out
+
+    results, _ = run(tokenizer, model, algorithm, steps=3, reward=SignalOnlyFirst(), engine_cls=Snapshot)
+    assert all(len({row.reward.result.reward for row in g}) == 1 for r in results[1:] for g in r.groups)
+    moved = (snapshots[2] - snapshots[0]).abs().max().item()
+    assert (moved == 0.0) if scaled else (moved > 1e-5)
