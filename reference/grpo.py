@@ -22,8 +22,9 @@ Where this departs from the paper, as rollflow does:
   * Log-probs are taken at the sampling temperature: softmax(logits / τ), the distribution the tokens came from.
 
 What it does not cover: sampling, process supervision (one outcome reward per response only), several updates per
-batch (the paper's μ inner iterations), minibatching, the optimizer, and off-policy corrections for stale samples
-(π_old is simply the behaviour log-probs, given).
+batch (the paper's μ inner iterations), minibatching (rollflow keeps each group in one minibatch), the optimizer
+(rollflow scales each step's learning rate by the share of samples with a non-zero advantage, algo.lr_by_signal),
+and off-policy corrections for stale samples (π_old is simply the behaviour log-probs, given).
 """
 
 from __future__ import annotations
