@@ -360,3 +360,10 @@ def test_attribute_not_callable(tmp_path):
 def test_bad_reward_spec_fails_at_construction(tmp_path):
     with pytest.raises(RewardFnError, match=r"malformed"):
         FileTask(write_jsonl(tmp_path / "d.jsonl", ROWS), reward_fn="oops")
+
+
+def test_reading_a_file_draws_no_progress_bar_and_leaves_the_setting_alone(tmp_path, capfd):
+    assert datasets.is_progress_bar_enabled()
+    FileTask(write_jsonl(tmp_path / "rows.jsonl", ROWS))
+    assert "Generating train split" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()  # the user's own `datasets` calls still get their bars

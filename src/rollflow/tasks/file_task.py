@@ -71,6 +71,8 @@ def read_problems(path: str, key: str, prompt_column: str, answer_column: str) -
         raise TaskDataError(f"{key}: file {path!r} has an unsupported extension; use one of {', '.join(LOADERS)}")
     if _is_empty(file, loader):
         raise TaskDataError(f"{key}: file {path!r} is empty")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a split of a local file takes no time: its bar would only clutter the run's output
     try:
         ds = datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as e:
@@ -80,6 +82,9 @@ def read_problems(path: str, key: str, prompt_column: str, answer_column: str) -
         raise TaskDataError(
             f"{key}: cannot read {path!r} as {file.suffix.lower()[1:]} ({type(cause).__name__}: {cause})"
         ) from e
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if len(ds) == 0:
         raise TaskDataError(f"{key}: file {path!r} has no rows")
     for column, column_key, role in (
