@@ -7,15 +7,7 @@
 set -euo pipefail
 export LC_ALL=C  # one collation for sort and join
 cd "$(dirname "$0")/.."
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-python3 -m venv "$work/venv"
-py="$work/venv/bin/python"
-"$py" -m pip install --quiet --upgrade pip setuptools
-"$py" -m pip install --quiet torch==2.13.0
-echo "torch==2.13.0" > "$work/keep-torch.txt"
-"$py" -m pip install --quiet --upgrade --upgrade-strategy eager -c "$work/keep-torch.txt" -e ".[dev]"
-"$py" -m pip check
+source scripts/newest_venv.sh
 echo "== newest allowed versions that differ from requirements.lock (name: lock -> newest)"
 "$py" -m pip freeze --all --exclude-editable | sed -E 's/\+cpu$//' | sort > "$work/newest.txt"
 grep -v '^#' requirements.lock | sort > "$work/lock.txt"

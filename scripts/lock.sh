@@ -5,14 +5,7 @@
 #   usage: scripts/lock.sh            (from the repository root; takes a few minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-python3 -m venv "$work/venv"
-py="$work/venv/bin/python"
-"$py" -m pip install --quiet --upgrade pip setuptools
-"$py" -m pip install --quiet torch==2.13.0
-"$py" -m pip install --quiet -e ".[dev]"
-"$py" -m pip check
+source scripts/newest_venv.sh
 "$py" -m pytest -q -m "not slow" -p no:cacheprovider
 {
     echo "# Exact versions of every package the README's commands install, for CPython $("$py" -c 'import platform; print(platform.python_version())') on $(uname -m) Linux."

@@ -181,19 +181,20 @@ def _save(tokenizer: Any, path: Path, model: Any) -> None:
 
 @dataclass
 class BestModel:
-    """``eval.keep_best``: ``path`` holds the weights of the best held-out evaluation so far, saved from the rollout
-    worker that was evaluated (worker 0), so what is kept is exactly what was scored. Strictly better replaces it:
-    a tie keeps the earlier model. The best accuracy is chosen on the held-out set, so it is optimistic as an
+    """The best held-out evaluation so far; strictly better replaces it, so a tie keeps the earlier. With a ``path``
+    (``eval.keep_best``) its weights are saved there, from the rollout worker that was evaluated (worker 0), so what
+    is kept is exactly what was scored. The best accuracy is chosen on the held-out set, so it is optimistic as an
     estimate of unseen data; report it beside the final accuracy, not instead of it."""
 
-    path: Path
+    path: Path | None
     tokenizer: Any
     accuracy: float = float("-inf")
     step: int | None = None
 
     def offer(self, step: int, accuracy: float, rollout: WorkerGroup) -> None:
         if accuracy > self.accuracy:
-            rollout.save(functools.partial(_save, self.tokenizer, self.path))
+            if self.path is not None:
+                rollout.save(functools.partial(_save, self.tokenizer, self.path))
             self.accuracy, self.step = accuracy, step
 
 
@@ -281,11 +282,10 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
 
         history: list[dict[str, Any]] = []
         with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress) as tracker:
-            best = BestModel(run_dir / "model", tokenizer) if config.eval.keep_best else None
+            best = BestModel(run_dir / "model" if config.eval.keep_best else None, tokenizer)
             acc_initial = publish_and_eval()
             tracker.log_eval(0, acc_initial, "initial")
-            if best is not None:
-                best.offer(-config.sft.steps, acc_initial, rollout)
+            best.offer(-config.sft.steps, acc_initial, rollout)
             acc_sft, sft_seconds = acc_initial, 0.0
             if config.sft.steps:
                 trainer.set_threads(config.sft.torch_threads)
@@ -294,8 +294,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 sft_seconds = time.perf_counter() - sft_start
                 acc_sft = publish_and_eval()
                 tracker.log_eval(0, acc_sft, "after SFT")
-                if best is not None:
-                    best.offer(0, acc_sft, rollout)
+                best.offer(0, acc_sft, rollout)
             trainer.set_threads(rl_threads)
             trainer.set_lr(t.lr)
             trainer.init_critic()
@@ -339,8 +338,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
                     record["eval/accuracy"] = acc
-                    if best is not None:
-                        best.offer(step, acc, rollout)
+                    best.offer(step, acc, rollout)
                 tracker.log_step(step, record)
                 tracker.log_rollouts([{
                     "uid": row.uid, "step": step, "group": row.group_id, "version": row.generation.version,
@@ -350,17 +348,16 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 history.append({"step": step, **record})
             rl_seconds = time.perf_counter() - rl_start
 
-            if best is None:
+            if not config.eval.keep_best:
                 trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
             pipeline = controller.pipeline_summary() if t.steps else {}
             summary = {
                 "accuracy_initial": acc_initial,
                 "accuracy_after_sft": acc_sft,
                 "accuracy_final": acc,
-                "accuracy_best": best.accuracy if best is not None else max(acc_initial, acc_sft, *(
-                    h["eval/accuracy"] for h in history if "eval/accuracy" in h)),
-                "best_step": best.step if best is not None else None,  # ≤ 0: before RL (0 = after SFT)
-                "saved_model": "best" if best is not None else "final",
+                "accuracy_best": best.accuracy,
+                "best_step": best.step if config.eval.keep_best else None,  # ≤ 0: before RL (0 = after SFT)
+                "saved_model": "best" if config.eval.keep_best else "final",
                 "steps": t.steps,
                 "samples": t.steps * config.samples_per_step,
                 "backend": rt.backend,
