@@ -1,16 +1,17 @@
 """Asynchronous vs synchronous training on the same CPUs: throughput, pipeline efficiency and final accuracy.
 
-    python benchmarks/async_vs_sync.py [--quick] [--etas 0 1 2] [key.sub=value ...]
+    python benchmarks/async_vs_sync.py [--quick] [--etas 0 1 2 auto] [key.sub=value ...]
 
 Every run starts from one SFT checkpoint (made first, once) and trains the same number of samples with the same
-task, model and seed, on Ray, for each staleness bound η, in two scenarios:
+task, model and seed, on Ray, for each staleness bound η (and ``auto``, the default, which starts synchronous and
+settles η after measuring its first steps), in two scenarios:
 
   (a) the built-in task as is;
   (b) the same task with rewards that take a log-normal time per sample (median 0.2 s, σ 0.75, at most 2 s),
       as running generated code would.
 
-η = 0 is synchronous: rollout and trainer are colocated on all the CPUs and each phase uses every core in turn.
-η > 0 runs them concurrently, each on its own share of the cores (``ASYNC`` below). Reported per scenario and η:
+Threads follow the runtime's defaults: at η = 0 rollout and trainer take turns and each uses every core; at η > 0
+they run at once, each on its share of the cores. Reported per scenario and η:
 samples/s, trainer busy fraction, pipeline efficiency (the bound max(producers' busy time, trainer's busy time)
 over the time achieved), final held-out accuracy, and speedup = samples/s ÷ the η = 0 run's samples/s.
 Prints a table and writes benchmarks/results/async_vs_sync_<date>.json.
@@ -33,21 +34,18 @@ from rich.table import Table
 import rollflow
 
 CORES = os.cpu_count() or 2
-SYNC = ["runtime.placement=colocated", f"runtime.rollout.torch_threads={CORES}", f"runtime.trainer.torch_threads={CORES}"]
-ASYNC = ["runtime.placement=separate", f"runtime.rollout.torch_threads={max(1, CORES // 2)}",
-         f"runtime.trainer.torch_threads={max(1, CORES - CORES // 2)}"]
 SCENARIOS = {
     "a": [],
     "b": ["reward_latency.median=0.2", "reward_latency.sigma=0.75", "reward_latency.max=2.0", "runtime.reward.groups_per_call=1"],
 }
 KEYS = ("samples_per_second", "trainer_busy_fraction", "pipeline_efficiency", "accuracy_final",
-        "pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds")
+        "pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds", "staleness_chosen", "staleness_reason")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs: the whole benchmark in under 3 minutes")
-    parser.add_argument("--etas", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--etas", nargs="+", default=["0", "1", "2", "auto"], help="bounds to run: integers or 'auto'")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--steps", type=int, help="RL steps per run (default: 8 quick, 40 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -70,29 +68,30 @@ def main() -> None:
     for scenario in args.scenarios:
         for eta in args.etas:
             config = rollflow.load_config(overrides=[
-                *common, *SCENARIOS[scenario], *(SYNC if eta == 0 else ASYNC), f"runtime.staleness={eta}",
+                *common, *SCENARIOS[scenario], f"runtime.staleness={eta}",
                 f"model.path={root}/sft/model", "sft.steps=0", f"train.steps={steps}", f"run_dir={root}/{scenario}_eta{eta}",
             ])
             s = rollflow.train(config).summary
             runs.append({"scenario": scenario, "eta": eta, **{k: s[k] for k in KEYS}})
-            print(f"  ({scenario}) η={eta}: {s['samples_per_second']:.0f} samples/s, accuracy {s['accuracy_final']:.3f}")
+            print(f"  ({scenario}) η={eta}: {s['samples_per_second']:.0f} samples/s, accuracy {s['accuracy_final']:.3f}"
+                  + (f" (auto chose η={s['staleness_chosen']}: {s['staleness_reason']})" if eta == "auto" else ""))
     ray.shutdown()
     for r in runs:
-        sync = next(x for x in runs if x["scenario"] == r["scenario"] and x["eta"] == 0)
+        sync = next(x for x in runs if x["scenario"] == r["scenario"] and x["eta"] == "0")
         r["speedup"] = r["samples_per_second"] / sync["samples_per_second"]
 
     table = Table(title=f"async vs sync: {steps} steps × {sft_samples(common)} samples, {CORES} CPUs")
-    for col in ("scenario", "η", "samples/s", "speedup", "trainer busy", "pipeline eff.", "final acc."):
+    for col in ("scenario", "η", "trained at", "samples/s", "speedup", "trainer busy", "pipeline eff.", "final acc."):
         table.add_column(col, justify="right")
     for r in runs:
-        table.add_row(r["scenario"], str(r["eta"]), f"{r['samples_per_second']:.0f}", f"{r['speedup']:.2f}",
+        table.add_row(r["scenario"], str(r["eta"]), str(r["staleness_chosen"]), f"{r['samples_per_second']:.0f}", f"{r['speedup']:.2f}",
                       f"{r['trainer_busy_fraction']:.2f}", f"{r['pipeline_efficiency']:.2f}", f"{r['accuracy_final']:.3f}")
     Console().print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"async_vs_sync{'_quick' if args.quick else ''}_{datetime.date.today().isoformat()}.json"
     (args.out / name).write_text(json.dumps({
-        "steps": steps, "overrides": args.overrides, "cpus": CORES, "sync": SYNC, "async": ASYNC,
+        "steps": steps, "overrides": args.overrides, "cpus": CORES,
         "accuracy_after_sft": sft.summary["accuracy_after_sft"], "machine": platform.platform(),
         "seconds": time.perf_counter() - started, "runs": runs,
     }, indent=2))

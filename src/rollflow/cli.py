@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dump_config(config), end="")
         return 0
-    from rollflow.recipes import train  # heavy imports (torch, transformers) only once the config is valid
+    # Defers nothing heavy: `import rollflow` has loaded the recipes, torch and transformers already; Ray is imported
+    # only when train builds a Ray backend.
+    from rollflow.recipes import train
     from rollflow.runtime.backend import WorkerStartError
     from rollflow.tasks import RewardFnError, TaskDataError
 

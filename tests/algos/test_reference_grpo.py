@@ -16,7 +16,7 @@ import torch
 from rollflow.algos import ADVANTAGES, policy_loss_fn
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, tiny_model
 from rollflow.engines.torch_train import token_logprobs
-from rollflow.runtime.batch import collate
+from rollflow.algos.batch import collate
 
 REFERENCE = Path(__file__).resolve().parents[2] / "reference" / "grpo.py"
 _spec = importlib.util.spec_from_file_location("reference_grpo", REFERENCE)

@@ -1,6 +1,6 @@
 import torch
 
-from rollflow.runtime.batch import collate
+from rollflow.algos.batch import collate
 
 
 def batch_of(groups: int, size: int):

@@ -1,11 +1,18 @@
 import re
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
+from rollflow.api import TrainBatch
 from rollflow.cli import main
 from rollflow.config import Config, ConfigError, dump_config, load_config
-from rollflow.config.schema import AdditionTaskConfig, FileTaskConfig, SortingTaskConfig
+from rollflow.config.schema import AdditionTaskConfig, AlgoConfig, FileTaskConfig, SortingTaskConfig
+from rollflow.recipes.grpo import build_algorithm
+
+PRESETS = Path(__file__).parents[2] / "configs" / "algos"
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -18,16 +25,16 @@ def test_defaults_load_without_a_file():
     config = load_config()
     assert config == Config()
     assert isinstance(config.task, AdditionTaskConfig)
-    assert config.runtime.staleness == 1 and config.runtime.backend == "ray" and config.samples_per_step == 32 * 8
+    assert config.runtime.staleness == "auto" and config.runtime.backend == "ray" and config.samples_per_step == 32 * 8
 
 
 def test_yaml_file_then_overrides_override_wins(tmp_path):
-    path = write(tmp_path, "seed: 7\ntrain:\n  steps: 10\n  lr: 0.01\nrollout:\n  prompts_per_step: 4\n")
+    path = write(tmp_path, "seed: 7\ntrain:\n  steps: 10\n  lr: 0.01\nrollout:\n  groups_per_step: 4\n")
     config = load_config(path, ["train.steps=3", "rollout.top_p=0.9"])
     assert config.train.steps == 3  # override beats the file
     assert config.train.lr == 0.01  # file value kept where no override
     assert config.seed == 7
-    assert config.rollout.prompts_per_step == 4 and config.rollout.top_p == 0.9
+    assert config.rollout.groups_per_step == 4 and config.rollout.top_p == 0.9
     assert config.train.minibatches_per_step == 2  # default kept where neither sets it
 
 
@@ -41,7 +48,7 @@ def test_task_section_from_file_and_override(tmp_path):
 
 
 def test_samples_per_step_is_prompts_times_samples():
-    config = load_config(overrides=["rollout.prompts_per_step=5", "rollout.samples_per_prompt=3"])
+    config = load_config(overrides=["rollout.groups_per_step=5", "rollout.group_size=3"])
     assert config.samples_per_step == 15
 
 
@@ -62,8 +69,8 @@ def test_samples_per_step_is_prompts_times_samples():
         ),
         (
             ["task.name=foo"],
-            "task.name: Input tag 'foo' found using 'name' does not match any of the expected tags: "
-            "'addition', 'sorting', 'file'",
+            ("task.name: Input tag 'foo' found using 'name' does not match any of the expected tags: "
+             "'addition', 'sorting', 'file'"),
         ),
         (
             ["task.name=sorting", "task.max_digits=4"],
@@ -74,9 +81,64 @@ def test_samples_per_step_is_prompts_times_samples():
         (["task.name=sorting", "task.min_len=5", "task.max_len=2"], "task.min_len=5 is more than task.max_len=2"),
         (["model.hidden_size=30", "model.heads=4"], "model.hidden_size=30 must be divisible by model.heads=4"),
         (
-            ["rollout.prompts_per_step=1", "rollout.samples_per_prompt=2", "train.minibatches_per_step=3"],
-            "train.minibatches_per_step=3 exceeds samples per step "
-            "(2 = rollout.prompts_per_step × rollout.samples_per_prompt)",
+            ["rollout.groups_per_step=1", "rollout.group_size=2", "train.minibatches_per_step=3"],
+            ("train.minibatches_per_step=3 exceeds samples per step "
+             "(2 = rollout.groups_per_step × rollout.group_size)"),
+        ),
+        (
+            ["algo.gamma=0.9"],
+            ("algo.gamma=0.9 has no effect with algo.advantage=grpo (it is used by: gae, reinforce_pp); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.advantage=reinforce_pp", "algo.lam=0.9"],
+            ("algo.lam=0.9 has no effect with algo.advantage=reinforce_pp (it is used by: gae); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.advantage=rloo", "algo.scale_by_std=false"],
+            ("algo.scale_by_std=false has no effect with algo.advantage=rloo (it is used by: grpo); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.advantage=reinforce_pp", "algo.critic.value_clip=null"],
+            ("algo.critic.value_clip=null has no effect with algo.advantage=reinforce_pp (it is used by: gae); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.correction=none", "algo.correction_cap=3"],
+            ("algo.correction_cap=3.0 has no effect with algo.correction=none (it is used by: aipo, decoupled, tis); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.aggregation=seq-mean-token-sum", "algo.loss_norm=16"],
+            ("algo.loss_norm=16.0 has no effect with algo.aggregation=seq-mean-token-sum "
+             "(it is used by: seq-mean-token-sum-norm); remove it or choose one of those"),
+        ),
+        (
+            ["algo.loss=reinforce", "algo.clip_high=0.28"],
+            ("algo.clip_high=0.28 has no effect with algo.loss=reinforce (it is used by: gspo, ppo_clip); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.correction=aipo", "algo.clip_low=0.1"],
+            ("algo.clip_low=0.1 has no effect with algo.correction=aipo (it is used by: decoupled, none, tis); "
+             "remove it or choose one of those"),
+        ),
+        (
+            ["algo.kl_in=reward"],
+            ("algo.kl_in=reward has no effect with algo.kl_coef=0.0 (it is used only with algo.kl_coef > 0); "
+             "remove it or set algo.kl_coef > 0"),
+        ),
+        (
+            ["algo.kl_estimator=k1"],
+            ("algo.kl_estimator=k1 has no effect with algo.kl_coef=0.0 (it is used only with algo.kl_coef > 0); "
+             "remove it or set algo.kl_coef > 0"),
+        ),
+        (
+            ["algo.max_dropped_per_step=3"],
+            ("algo.max_dropped_per_step=3 has no effect with algo.dynamic_sampling=false "
+             "(it is used only with algo.dynamic_sampling=true); remove it or set algo.dynamic_sampling=true"),
         ),
     ],
 )
@@ -154,6 +216,105 @@ def test_dump_config_round_trips_through_a_file(tmp_path):
     assert set(dumped) == set(Config.model_fields)  # every section, defaults included
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo.advantage=gae", "algo.gamma=0.99", "algo.lam=0.9", "algo.critic.lr=0.001",
+         "algo.critic.value_clip=null"],
+        ["algo.advantage=reinforce_pp", "algo.gamma=0.99"],
+        ["algo.scale_by_std=false"],
+        ["algo.correction=aipo", "algo.correction_cap=1.5"],
+        ["algo.correction=decoupled", "algo.correction_cap=3"],
+        ["algo.aggregation=seq-mean-token-sum-norm", "algo.loss_norm=16"],
+        ["algo.loss=gspo", "algo.clip_low=0.0003", "algo.clip_high=0.0004"],
+        ["algo.kl_coef=0.01", "algo.kl_estimator=k1", "algo.kl_in=reward"],
+        ["algo.dynamic_sampling=true", "algo.max_dropped_per_step=3"],
+        # fields at their defaults are accepted whatever the parts: a written config.yaml lists them all
+        ["algo.loss=reinforce", "algo.correction=none", "algo.gamma=1.0", "algo.lam=0.95", "algo.clip_high=0.2",
+         "algo.correction_cap=null", "algo.kl_in=loss", "algo.critic.lr=0.0001", "algo.max_dropped_per_step=64"],
+    ],
+)
+def test_fields_the_chosen_parts_use_are_accepted(overrides):
+    algo = load_config(overrides=overrides).algo
+    for item in overrides:
+        key, value = item.removeprefix("algo.").split("=")
+        section, _, field = key.rpartition(".")
+        assert getattr(getattr(algo, section) if section else algo, field) == yaml.safe_load(value), item
+
+
+def test_every_unused_field_is_reported_in_one_error():
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["algo.gamma=0.9", "algo.lam=0.5", "algo.kl_in=reward"])
+    text = str(info.value)
+    for key in ("algo.gamma=0.9", "algo.lam=0.5", "algo.kl_in=reward"):
+        assert f"{key} has no effect" in text
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_preset_loads_again_from_the_config_a_run_writes(preset, tmp_path):
+    config = load_config(preset)
+    assert load_config(write(tmp_path, dump_config(config), "config.yaml")) == config
+
+
+def _fingerprint(config: Config) -> list[torch.Tensor]:
+    """What the recipe's algorithm computes from fixed inputs: advantages, and the policy loss with its gradient."""
+    algo = build_algorithm(config)
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    mask = torch.ones(B, T)
+    if algo.token_level:
+        advantages = algo.advantage(torch.randn(B, T, generator=g), mask, torch.randn(B, T, generator=g))[0]
+    else:
+        advantages = algo.advantage(torch.rand(B, T, generator=g))
+    logprobs = (-torch.rand(B, T, generator=g) * 2).requires_grad_()
+    old = logprobs.detach() + 0.5 * torch.randn(B, T, generator=g)
+    behav = old + 0.5 * torch.randn(B, T, generator=g)
+    batch = TrainBatch(torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long), mask, old, behav,
+                       torch.randn(B, T, generator=g), torch.zeros(B, T, dtype=torch.long))
+    loss = algo.loss(logprobs, torch.zeros(B, T), batch).loss
+    loss.backward()
+    return [advantages, loss.detach(), logprobs.grad]
+
+
+def _refused_exactly_where_it_changes_nothing(choices: dict[str, str], field: str, moved: object) -> None:
+    default = AlgoConfig.model_fields[field].default
+    at_default, at_moved = ({**choices, field: value} for value in (default, moved))
+    changes = not all(torch.equal(a, b) for a, b in zip(
+        _fingerprint(Config.model_construct(algo=AlgoConfig.model_construct(**at_default))),
+        _fingerprint(Config.model_construct(algo=AlgoConfig.model_construct(**at_moved))),  # unvalidated
+        strict=True,
+    ))
+    try:
+        load_config(overrides=[f"algo.{k}={yaml.safe_dump(v).splitlines()[0]}" for k, v in at_moved.items()])
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted == changes, f"{at_moved}: accepted={accepted}, but changes what the run computes={changes}"
+
+
+@pytest.mark.parametrize("field, moved", [("scale_by_std", False), ("gamma", 0.5), ("lam", 0.5)])
+@pytest.mark.parametrize("advantage", ADVANTAGES.names())
+def test_an_estimator_field_is_refused_exactly_where_it_changes_nothing(advantage, field, moved):
+    _refused_exactly_where_it_changes_nothing({"advantage": advantage}, field, moved)
+
+
+@pytest.mark.parametrize("correction", CORRECTIONS.names())
+def test_correction_cap_is_refused_exactly_where_it_changes_nothing(correction):
+    _refused_exactly_where_it_changes_nothing({"correction": correction}, "correction_cap", 1.1)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS.names())
+def test_loss_norm_is_refused_exactly_where_it_changes_nothing(aggregation):
+    _refused_exactly_where_it_changes_nothing({"aggregation": aggregation}, "loss_norm", 3.0)
+
+
+@pytest.mark.parametrize("field", ["clip_low", "clip_high"])
+@pytest.mark.parametrize("loss", POLICY_LOSSES.names())
+@pytest.mark.parametrize("correction", CORRECTIONS.names())
+def test_a_clip_is_refused_exactly_where_it_changes_nothing(loss, correction, field):
+    _refused_exactly_where_it_changes_nothing({"loss": loss, "correction": correction}, field, 0.01)
+
+
 def test_cli_config_prints_resolved_yaml(capsys):
     assert main(["config", "train.steps=3"]) == 0
     out = capsys.readouterr().out
@@ -187,5 +348,5 @@ def test_cli_list_algos(capsys):
     assert main(["list", "algos"]) == 0
     out = capsys.readouterr().out
     for name in ("grpo", "ppo_clip", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        assert re.search(rf"^  {re.escape(name)}\s", out, re.M), name
-    assert re.search(r"^  grpo\s+GRPO: reward minus its group's mean", out, re.M)
+        assert re.search(rf"^  {re.escape(name)}\s", out, re.MULTILINE), name
+    assert re.search(r"^  grpo\s+GRPO: reward minus its group's mean", out, re.MULTILINE)

@@ -6,7 +6,7 @@ import torch
 from rollflow.api import SamplingParams, VersionedWeights
 from rollflow.engines.hf_inference import HFInferenceEngine, top_p_filter
 from rollflow.engines.torch_train import token_logprobs
-from rollflow.runtime.batch import collate
+from rollflow.algos.batch import collate
 
 TEXTS = ["1+2=", "12+345=", "9"]  # different lengths: the batch is left-padded to the longest
 

@@ -4,7 +4,7 @@ import torch
 from rollflow.algos import sft_loss
 from rollflow.api import LossOutput
 from rollflow.engines.torch_train import TorchTrainEngine, token_logprobs
-from rollflow.runtime.batch import collate
+from rollflow.algos.batch import collate
 
 
 def encode(tokenizer, text):

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_grpo import TINY
+from test_grpo import TINY, check_rollouts
 
 import rollflow
 from rollflow.recipes import grpo as grpo_recipe
@@ -37,6 +37,7 @@ def test_preset_runs_the_whole_recipe(preset, tmp_path):
     last = [m for m in metrics if m["step"] == 2][-1]
     assert OWN_METRICS[preset] <= set(last), OWN_METRICS[preset] - set(last)
     assert result.summary["steps"] == 2
+    assert len(check_rollouts(tmp_path, config)) == 2 * config.samples_per_step  # the stream, the verifier, the means
 
 
 def test_dynamic_sampling_drops_groups_the_model_cannot_learn_from(tmp_path):
@@ -105,7 +106,7 @@ def test_preset_lifts_accuracy_over_the_sft_checkpoint(preset, sft_checkpoint, t
     model, acc_sft = sft_checkpoint
     assert 0.5 < acc_sft < 0.8  # room to improve, and the policy samples right answers to learn from
     config = rollflow.load_config(PRESETS / f"{preset}.yaml", [
-        *SMALL, f"model.path={model}", "sft.steps=0", "train.steps=40", "rollout.prompts_per_step=16", f"run_dir={tmp_path}",
+        *SMALL, f"model.path={model}", "sft.steps=0", "train.steps=40", "rollout.groups_per_step=16", f"run_dir={tmp_path}",
     ])
     result = rollflow.train(config)
     assert result.summary["accuracy_after_sft"] == acc_sft
@@ -117,7 +118,7 @@ def test_keep_best_saves_the_best_evaluated_model_when_rl_damages_it(sft_checkpo
     model, acc_sft = sft_checkpoint
     result = rollflow.train(rollflow.load_config(overrides=[
         *SMALL, f"model.path={model}", "sft.steps=0", "train.steps=4", "train.lr=0.05", "algo.lr_by_signal=false",
-        "eval.every=2", "rollout.prompts_per_step=8", f"run_dir={tmp_path / 'damaged'}",
+        "eval.every=2", "rollout.groups_per_step=8", f"run_dir={tmp_path / 'damaged'}",
     ]))
     s = result.summary
     assert s["accuracy_final"] < acc_sft - 0.2  # a learning rate this large wrecks the policy

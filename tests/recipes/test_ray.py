@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from test_grpo import check_rollouts
 
 import rollflow
 from rollflow.api import VersionedWeights, WeightChecksumError
 from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.runtime.ray_backend import RayPayloads, RayWeightTransport
 
-
 TINY = [  # as in test_grpo.py
     "model.hidden_size=16", "model.layers=1", "model.heads=2", "model.intermediate_size=32",
-    "sft.steps=3", "sft.batch_size=8", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+    "sft.steps=3", "sft.batch_size=8", "rollout.groups_per_step=4", "rollout.group_size=2",
     "task.eval_size=10", "progress=false", "runtime.torch_threads=1", "sft.torch_threads=1",
 ]
 ETA = 2
@@ -60,18 +60,44 @@ def test_ray_run_writes_a_trace_with_a_track_per_worker(ray_run):
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     assert {"rollout/0", "reward/0", "trainer"} <= tracks
     spans = {e["name"] for e in events if e["ph"] == "X"}
-    assert {"generate", "reward", "train step", "publish weights", "load weights"} <= spans
+    assert {"rollout", "generate", "score", "train step", "publish weights", "load weights"} <= spans
     summary = ray_run.summary
     assert summary["backend"] == "ray" and 0 < summary["trainer_busy_fraction"] <= 1
     assert 0 < summary["pipeline_efficiency"] <= 1 + 1e-9
 
 
+TIMED = ("time/", "throughput/", "queue/", "weights/")  # wall-clock measurements, never the same twice
+
+
+def untimed(run):
+    return [{k: v for k, v in m.items() if not k.startswith(TIMED)} for m in lines(run.run_dir / "metrics.jsonl")]
+
+
 def test_both_backends_run_the_same_recipe(ray_run, tmp_path):
-    inline = rollflow.train(rollflow.load_config(overrides=[
-        *[o for o in RAY if o != "runtime.backend=ray"], "runtime.backend=inline", f"run_dir={tmp_path}"]))
-    for result in (ray_run, inline):
-        assert result.summary["steps"] == 6 and result.summary["samples"] == 6 * 8
-        assert (result.run_dir / "model" / "config.json").is_file()
+    inline_overrides = [*[o for o in RAY if o != "runtime.backend=ray"], "runtime.backend=inline"]
+    inline, again = (rollflow.train(rollflow.load_config(overrides=[*inline_overrides, f"run_dir={tmp_path / d}"]))
+                     for d in ("inline", "again"))
+    # The inline backend runs one call at a time: a second run samples, scores and trains exactly alike.
+    assert lines(inline.run_dir / "rollouts.jsonl") == lines(again.run_dir / "rollouts.jsonl")
+    assert untimed(inline) == untimed(again)
+
+    config = rollflow.load_config(overrides=inline_overrides)
+    runs = {"ray": ray_run, "inline": inline}
+    rows = {name: check_rollouts(run.run_dir, config) for name, run in runs.items()}  # the stream, the verifier
+    metrics = {name: [m for m in untimed(run) if m["step"] > 0] for name, run in runs.items()}
+    # The same SFT (data, seed, threads) in the trainer actor as in this process.
+    sft = {name: [m["sft/loss"] for m in untimed(run) if "sft/loss" in m] for name, run in runs.items()}
+    assert sft["ray"] and sft["ray"] == pytest.approx(sft["inline"], rel=1e-5)
+    # RL starts from the same published version on both, and each step publishes the next one.
+    versions = [m["version"] for m in metrics["inline"]]
+    assert [m["version"] for m in metrics["ray"]] == versions == list(range(versions[0], versions[0] + 6))
+    for name in runs:
+        # the first step trains on samples of the version RL started from, from groups the budget let in before it
+        first = [r for r in rows[name] if r["step"] == 1]
+        assert {r["version"] for r in first} == {versions[0] - 1}, name
+        assert {r["group"] for r in first} <= set(range((ETA + 1) * 4)), name
+        lags = [(metrics[name][r["step"] - 1]["version"] - 1) - r["version"] for r in rows[name]]
+        assert 0 <= min(lags) and max(lags) <= ETA, name
     assert inline.summary["staleness"] == ray_run.summary["staleness"] == ETA
 
 

@@ -19,7 +19,7 @@ from rollflow.recipes import grpo
 
 TINY = [
     "model.hidden_size=16", "model.layers=1", "model.heads=2", "model.intermediate_size=32",
-    "sft.steps=0", "train.steps=2", "rollout.prompts_per_step=2", "rollout.samples_per_prompt=2", "eval.every=0",
+    "sft.steps=0", "train.steps=2", "rollout.groups_per_step=2", "rollout.group_size=2", "eval.every=0",
     "progress=false", "runtime.torch_threads=1", "sft.torch_threads=1", "runtime.num_cpus=2",
 ]
 FILE_TASK = ["task.name=file", "task.path=train.jsonl", "task.eval_path=eval.jsonl"]  # relative: to the cwd

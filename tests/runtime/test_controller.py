@@ -1,30 +1,37 @@
 """The streaming controller, driven through the inline backend (deterministic: every call runs as it is submitted)
-with fake rollout / reward / trainer workers, and the real ``TrainerWorker`` where masking is what is tested."""
+with fake rollout / reward / trainer workers on GRPO's stage table, and the real ``TrainerWorker`` where masking is
+what is tested."""
 
 import itertools
+import json
 import time
 
 import pytest
 import torch
 
 from rollflow.algos import ADVANTAGES, policy_loss_fn
-from rollflow.api import Generation, GenerationCell, Problem, RewardCell, RewardResult, SamplingParams, Status
+from rollflow.algos.policy_step import Algorithm, TextPolicyStep
+from rollflow.api import Column, Problem, RewardCell, RewardResult, Status, Trajectory, TrajectoryCell
 from rollflow.engines.torch_train import TorchTrainEngine
-from rollflow.runtime.backend import WorkerLost
+from rollflow.runtime.backend import InlineBackend, WorkerLost
 from rollflow.runtime.controller import Controller, StepResult, union_seconds
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import Algorithm, Generated, RolloutResult, Scored, TrainerWorker, TrainResult
+from rollflow.runtime.roles import TrainerWorker, TrainResult
+from rollflow.runtime.stage import Produced, Stage, StageOutput
 from rollflow.runtime.staleness import StalenessBudget
-from rollflow.runtime.store import SampleStore, StoreError
+from rollflow.runtime.store import SampleStore
 from rollflow.runtime.weights import InlineWeightTransport
+from rollflow.testing import ScriptedBackend
 
-P, N = 2, 3  # prompts (groups) per step, samples per prompt
+P, N = 2, 3  # groups per step, samples per group
 B = P * N  # samples per step
+TASK, TRAJECTORY, REWARD = "task", "trajectory", "reward"
+COLUMNS = [Column(TASK), Column(TRAJECTORY, (TASK,), versioned=True), Column(REWARD, (TRAJECTORY,))]
 
 
 class Policy:
     """The trainer's current version, shared by the fakes: the fake trainer bumps it, fake rollouts sample at it
-    (as a real rollout worker that picks up every published version at the start of its call would)."""
+    (as a real rollout worker that picks up every published version before each engine batch would)."""
 
     def __init__(self, version: int = 0) -> None:
         self.version = version
@@ -42,17 +49,19 @@ class FakeRollout:
         self.calls: list[list[int]] = []
         self.generated: list[int] = []
 
-    def rollout(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> RolloutResult:
+    def rollout(self, items: list[tuple[int, Problem]]) -> StageOutput:
         self.calls.append([uid for uid, _ in items])
         if self.errors:
             raise self.errors.pop(0)
         started, version, out = time.time(), self.policy.version, []
-        for uid, _ in items:
+        for uid, problem in items:
             self.generated.append(uid)
+            prompt = [self.tokenizer.bos_token_id, *self.tokenizer.encode(problem.prompt, add_special_tokens=False)]
             ids = [*self.tokenizer.encode(str(uid % 10), add_special_tokens=False), self.tokenizer.eos_token_id]
-            generation = Generation(ids, str(uid % 10), [-0.5] * len(ids), [version] * len(ids), "eos")
-            out.append(Generated(uid, GenerationCell.of(generation), started, time.time()))
-        return RolloutResult(out, version, started, time.time(), None)
+            trajectory = Trajectory(prompt + ids, [0] * len(prompt) + [1] * len(ids), [0.0] * len(prompt) + [-0.5] * len(ids),
+                                    [-1] * len(prompt) + [version] * len(ids), [], str(uid % 10))
+            out.append(Produced(uid, TrajectoryCell.of(trajectory), started, time.time()))
+        return StageOutput(out)
 
 
 class FakeReward:
@@ -64,19 +73,19 @@ class FakeReward:
         self.errors = list(errors or [])
         self.calls: list[list[int]] = []
 
-    def score(self, items: list[tuple[int, Problem, str]]) -> list[Scored]:
+    def score(self, items: list[tuple[int, Problem, TrajectoryCell]]) -> StageOutput:
         self.calls.append([uid for uid, _, _ in items])
         if self.errors:
             raise self.errors.pop(0)
         out, now = [], time.time()
-        for uid, _, response in items:
+        for uid, _, cell in items:
             if self.failures_left.get(uid, 0) > 0:
                 self.failures_left[uid] -= 1
                 result = RewardResult(0.0, status=Status.INFRA_ERROR)
             else:
-                result = RewardResult(float(int(response) % 2 == 0))
-            out.append(Scored(uid, RewardCell(result, 0.0), now, time.time()))
-        return out
+                result = RewardResult(float(int(cell.text) % 2 == 0))
+            out.append(Produced(uid, RewardCell(result, 0.0), now, time.time()))
+        return StageOutput(out)
 
 
 class FakeTrainer:
@@ -103,24 +112,21 @@ def problems():
 
 
 def make_controller(tokenizer, reward=None, trainer=None, eta=0, max_retries=2, rollout_workers=1,
-                    generate_batch=B, rollout_errors=None, policy=None):
+                    generate_batch=B, rollout_errors=None, policy=None, backend=None, rollout_calls=1):
     policy = policy or Policy()
+    backend = backend or InlineBackend()
     rollouts = [FakeRollout(tokenizer, policy, (rollout_errors or {}).get(i)) for i in range(rollout_workers)]
     reward = reward or FakeReward()
     trainer = trainer or FakeTrainer(policy)
+    stages = [
+        Stage(TRAJECTORY, WorkerGroup("rollout", rollouts, backend), "rollout", lambda uid, cells: (uid, cells[TASK]),
+              groups_per_call=max(1, generate_batch // N), calls_per_worker=rollout_calls),
+        Stage(REWARD, WorkerGroup("reward", [reward], backend), "score",
+              lambda uid, cells: (uid, cells[TASK], cells[TRAJECTORY]), calls_per_worker=64),
+    ]
     controller = Controller(
-        SampleStore(),
-        StalenessBudget(eta, B),
-        WorkerGroup("rollout", rollouts),
-        WorkerGroup("reward", [reward]),
-        WorkerGroup("trainer", [trainer]),
-        problems(),
-        lambda text: [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)],
-        group_size=N,
-        groups_per_step=P,
-        generate_batch=generate_batch,
-        version=policy.version,
-        max_retries=max_retries,
+        SampleStore(COLUMNS), StalenessBudget(eta, B), stages, WorkerGroup("trainer", [trainer], backend), problems(),
+        group_size=N, groups_per_step=P, version=policy.version, max_retries=max_retries,
     )
     return controller, rollouts, reward, trainer
 
@@ -143,7 +149,7 @@ def test_run_trains_exactly_steps_steps_on_whole_groups(tokenizer, eta):
         assert res.groups is groups  # the yielded groups are the ones trained on
         assert len(groups) == P and all(len(g) == N for g in groups)
         assert all(len({r.group_id for r in g}) == 1 for g in groups)  # whole groups, never mixed
-        assert all(r.reward is not None and r.generation is not None for g in groups for r in g)
+        assert all(r[REWARD].result.reward == float(int(r[TRAJECTORY].text) % 2 == 0) for g in groups for r in g)
         assert {"store/admitted", "queue/trainer_wait_s"} <= set(res.metrics)
     uids = [r.uid for res in results for g in res.groups for r in g]
     assert len(uids) == len(set(uids)) == steps * B  # none consumed twice, none lost
@@ -159,17 +165,17 @@ def test_rows_carry_prompt_response_and_reward(tokenizer):
     [result] = controller.run(1)
     assert [[r.uid for r in g] for g in result.groups] == [[0, 1, 2], [3, 4, 5]]
     assert [g[0].group_id for g in result.groups] == [0, 1]
-    assert [g[0].prompt.problem.prompt for g in result.groups] == ["0+0=", "1+1="]
+    assert [g[0][TASK].prompt for g in result.groups] == ["0+0=", "1+1="]
     rows = trained_rows([result])
-    assert [rows[u].generation.response_text for u in range(B)] == ["0", "1", "2", "3", "4", "5"]
-    assert [rows[u].reward.result.reward for u in range(B)] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
-    assert isinstance(rows[0].generation.payload, Generation)  # inline: the payload is the Generation itself
-    assert {"admitted", "started", "generated", "finished", "consumed"} <= set(rows[0].timestamps)
+    assert [rows[u][TRAJECTORY].text for u in range(B)] == ["0", "1", "2", "3", "4", "5"]
+    assert [rows[u][REWARD].result.reward for u in range(B)] == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert isinstance(rows[0][TRAJECTORY].payload, Trajectory)  # inline: the payload is the trajectory itself
+    assert {"admitted", "started", TRAJECTORY, REWARD, "finished", "consumed"} <= set(rows[0].timestamps)
 
 
 # -- staleness ---------------------------------------------------------------------------------------------------------
 def lags(trainer: FakeTrainer) -> list[int]:
-    return [v - r.generation.version for v, groups in trainer.steps for g in groups for r in g]
+    return [v - r[TRAJECTORY].version for v, groups in trainer.steps for g in groups for r in g]
 
 
 @pytest.mark.parametrize("eta", [0, 1, 2, 3])
@@ -231,6 +237,23 @@ def test_many_late_groups_do_not_stop_the_run(tokenizer):
     assert max(lags(trainer)) <= 2
 
 
+def test_calls_completing_out_of_order_are_recorded_as_they_complete_and_deterministically(tokenizer):
+    def duration(worker, method, args):  # rollout calls of even groups take 10 virtual seconds, odd ones 1
+        return (10.0 if args[0][0][0] // N % 2 == 0 else 1.0) if method == "rollout" else 0.0
+
+    def run():
+        backend = ScriptedBackend(duration)
+        controller, _, reward, trainer = make_controller(tokenizer, eta=2, generate_batch=N, backend=backend, rollout_calls=8)
+        list(controller.run(4))
+        return [[g[0].group_id for g in groups] for _, groups in trainer.steps], reward.calls, lags(trainer)
+
+    order, scored, observed = run()
+    assert scored[:2] == [[3, 4, 5], [9, 10, 11]]  # odd groups' rollouts finish first, and are scored first
+    assert order[0] == [1, 3]  # the first batch is the first two groups to complete
+    assert max(observed) <= 2
+    assert run() == (order, scored, observed)  # the same on every run
+
+
 # -- infrastructure faults --------------------------------------------------------------------------------------------
 def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
     flaky = 4
@@ -243,8 +266,8 @@ def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
     assert sum(call.count(flaky) for call in reward.calls) == 2
     rows = trained_rows([result])
     assert rows[flaky].status is Status.OK
-    assert rows[flaky].reward.result.reward == 1.0  # "4" is even
-    assert [rows[u].reward.result.reward for u in (0, 1, 2, 3, 5)] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert rows[flaky][REWARD].result.reward == 1.0  # "4" is even
+    assert [rows[u][REWARD].result.reward for u in (0, 1, 2, 3, 5)] == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert controller.store.counts() == {"in_flight": 0, "ready": 0, "consumed": B, "dropped": 0}
 
 
@@ -332,7 +355,7 @@ def test_union_seconds_by_hand():
     assert union_seconds([(1.0, 1.0), (3.0, 3.0)]) == 0.0  # empty spans
 
 
-def test_pipeline_summary(tokenizer):
+def test_pipeline_summary(tokenizer, tmp_path):
     policy = Policy()
     trainer = FakeTrainer(policy, seconds=0.002)
     controller, *_ = make_controller(tokenizer, trainer=trainer, eta=1, policy=policy, rollout_workers=2,
@@ -354,8 +377,11 @@ def test_pipeline_summary(tokenizer):
     busy, wall = summary["trainer_busy_seconds"], summary["pipeline_seconds"]
     assert summary["trainer_busy_fraction"] == pytest.approx(busy / wall)
     # The trace's trainer track covers the same time (train step + publish weights).
-    assert controller.tracer.busy_seconds("trainer", {"train step", "publish weights"}) == pytest.approx(
-        summary["trainer_busy_seconds"])
+    events = json.loads(controller.tracer.write(tmp_path / "trace.json").read_text())["traceEvents"]
+    tids = {e["args"]["name"]: e["tid"] for e in events if e.get("name") == "thread_name"}
+    trainer_us = sum(e["dur"] for e in events if e.get("ph") == "X" and e["tid"] == tids["trainer"]
+                     and e["name"] in {"train step", "publish weights"})
+    assert trainer_us / 1e6 == pytest.approx(summary["trainer_busy_seconds"], abs=1e-5)
 
 
 # -- the real trainer on the controller's batches ---------------------------------------------------------------------
@@ -380,14 +406,8 @@ class Spy:
 def make_trainer(tokenizer, model):
     engine = Spy(TorchTrainEngine(model, lr=1e-3))
     transport = InlineWeightTransport()
-    trainer = TrainerWorker(
-        engine,
-        transport,
-        tokenizer.pad_token_id,
-        Algorithm(ADVANTAGES.get("grpo"), policy_loss_fn("ppo_clip", "token-mean")),
-        minibatches=1,
-        epochs=1,
-    )
+    algorithm = Algorithm(ADVANTAGES.get("grpo"), policy_loss_fn("ppo_clip", "token-mean"))
+    trainer = TrainerWorker(engine, transport, TextPolicyStep(algorithm, tokenizer.pad_token_id))
     return trainer, engine, transport
 
 

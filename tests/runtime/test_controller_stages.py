@@ -1,18 +1,22 @@
-"""The controller's optional stages: dynamic sampling (drop groups without signal, refill the step) and the
-reference column (filled side by side with rewards), with the fakes of ``test_controller``."""
+"""The stage table beyond rollout → reward: dynamic sampling (drop groups without signal, refill the step), a
+reference column filled side by side with rewards, a workflow's ``Reject``, and the table's own checks; with the
+fakes of ``test_controller``."""
 
 import time
 
 import pytest
 
-from rollflow.api import COLUMNS, REFERENCE, RewardCell, RewardResult, Status
+from rollflow.api import Column, Reject, RewardCell, RewardResult, Status
 from rollflow.recipes.grpo import has_signal
+from rollflow.runtime.backend import InlineBackend
 from rollflow.runtime.controller import Controller
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import Referenced, Scored
+from rollflow.runtime.stage import Produced, Stage, StageOutput
 from rollflow.runtime.staleness import StalenessBudget
-from rollflow.runtime.store import SampleStore, StoreError
-from test_controller import B, N, P, FakeReward, FakeRollout, FakeTrainer, Policy, problems
+from rollflow.runtime.store import SampleStore
+from test_controller import B, COLUMNS, N, P, REWARD, TASK, TRAJECTORY, FakeReward, FakeRollout, FakeTrainer, Policy, problems
+
+REFERENCE = "reference"
 
 
 class NoSignalReward(FakeReward):
@@ -25,36 +29,56 @@ class NoSignalReward(FakeReward):
 
     def score(self, items):
         out = super().score(items)
-        for s in out:
-            if self.flat is None or s.uid - s.uid % N in self.flat:
-                out[out.index(s)] = Scored(s.uid, RewardCell(RewardResult(1.0), 0.0), s.started, s.finished)
+        for p in out.values:
+            if self.flat is None or p.uid - p.uid % N in self.flat:
+                p.value = RewardCell(RewardResult(1.0), 0.0)
         return out
 
 
 class FakeReference:
-    """Reference log-probs: -uid/100 for every response token; records the uids of every call."""
+    """Reference log-probs: -uid/100 for every token of the trajectory; records the uids of every call."""
 
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
 
-    def score(self, items) -> Referenced:
-        self.calls.append([uid for uid, _, _ in items])
-        started = time.time()
-        return Referenced([(uid, [-uid / 100] * len(payload.response_ids)) for uid, _, payload in items], started, time.time())
+    def score(self, items) -> StageOutput:
+        self.calls.append([uid for uid, _ in items])
+        now = time.time()
+        return StageOutput([Produced(uid, [-uid / 100] * len(cell.payload.tokens), now, now) for uid, cell in items])
 
 
-def controller(tokenizer, reward, eta=0, reference=None, keep_group=None, max_dropped=0, policy=None):
+class RejectingRollout(FakeRollout):
+    """``FakeRollout`` whose workflow rejects the task instances of the groups in ``reject`` (first attempt only)."""
+
+    def __init__(self, tokenizer, policy, reject) -> None:
+        super().__init__(tokenizer, policy)
+        self.reject = set(reject)
+
+    def rollout(self, items):
+        out = super().rollout(items)
+        for p in out.values:
+            if p.uid // N in self.reject:
+                p.value = Reject("not useful")
+        self.reject -= {p.uid // N for p in out.values}
+        return out
+
+
+def controller(tokenizer, reward, eta=0, reference=None, keep_group=None, max_dropped=0, policy=None, rollout=None):
     policy = policy or Policy()
+    backend = InlineBackend()
     trainer = FakeTrainer(policy)
-    store = SampleStore(COLUMNS + ((REFERENCE,) if reference is not None else ()))
-    c = Controller(
-        store, StalenessBudget(eta, B), WorkerGroup("rollout", [FakeRollout(tokenizer, policy)]),
-        WorkerGroup("reward", [reward]), WorkerGroup("trainer", [trainer]), problems(),
-        lambda text: [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)],
-        group_size=N, groups_per_step=P, generate_batch=B, version=policy.version,
-        reference=WorkerGroup("reference", [reference]) if reference is not None else None,
-        keep_group=keep_group, max_dropped=max_dropped,
-    )
+    columns, stages = list(COLUMNS), [
+        Stage(TRAJECTORY, WorkerGroup("rollout", [rollout or FakeRollout(tokenizer, policy)], backend), "rollout",
+              lambda uid, cells: (uid, cells[TASK]), groups_per_call=P),
+        Stage(REWARD, WorkerGroup("reward", [reward], backend), "score", lambda uid, cells: (uid, cells[TASK], cells[TRAJECTORY])),
+    ]
+    if reference is not None:
+        columns.append(Column(REFERENCE, (TRAJECTORY,)))
+        stages.append(Stage(REFERENCE, WorkerGroup("reference", [reference], backend), "score",
+                            lambda uid, cells: (uid, cells[TRAJECTORY])))
+    store = SampleStore(columns)
+    c = Controller(store, StalenessBudget(eta, B), stages, WorkerGroup("trainer", [trainer], backend), problems(),
+                   group_size=N, groups_per_step=P, version=policy.version, keep_group=keep_group, max_dropped=max_dropped)
     return c, trainer, store
 
 
@@ -65,12 +89,12 @@ def test_dynamic_sampling_drops_groups_without_signal_and_refills_the_step(token
     results = list(c.run(3))
     trained = [g for r in results for g in r.groups]
     assert len(trained) == 3 * P  # every step still gets P groups
-    assert all(has_signal([row.reward.result for row in g]) for g in trained)
+    assert all(has_signal(g) for g in trained)
     assert {g[0].uid for g in trained}.isdisjoint(flat)
     assert c.dropped_groups == 3 and store.counts()["dropped"] == 3 * N
     assert c.budget.admitted == 3 * B + (store.counts()["in_flight"] + store.counts()["ready"])  # dropped rows released
     assert results[-1].metrics["store/dropped"] == 3 * N
-    lags = [v - row.generation.version for v, groups in trainer.steps for g in groups for row in g]
+    lags = [v - row[TRAJECTORY].version for v, groups in trainer.steps for g in groups for row in g]
     assert max(lags) <= eta
 
 
@@ -88,6 +112,17 @@ def test_without_a_filter_nothing_is_dropped(tokenizer):
     assert c.dropped_groups == 0 and store.counts()["dropped"] == 0
 
 
+def test_a_rejected_group_is_dropped_and_replaced(tokenizer):
+    policy = Policy()
+    rollout = RejectingRollout(tokenizer, policy, reject={1})
+    c, trainer, store = controller(tokenizer, FakeReward(), rollout=rollout, policy=policy)
+    results = list(c.run(2))
+    trained = [g[0].group_id for r in results for g in r.groups]
+    assert trained == [0, 2, 3, 4]  # group 1 never trained; group 4 took its place in the budget
+    assert c.rejected_groups == 1 and store.counts()["dropped"] == N
+    assert c.budget.admitted == 2 * B
+
+
 def test_reference_column_is_filled_for_every_trained_row(tokenizer):
     ref = FakeReference()
     c, trainer, _ = controller(tokenizer, FakeReward(), reference=ref, eta=1)
@@ -95,7 +130,7 @@ def test_reference_column_is_filled_for_every_trained_row(tokenizer):
     rows = [row for r in results for g in r.groups for row in g]
     assert len(rows) == 3 * B
     for row in rows:
-        assert row.reference == [-row.uid / 100] * row.generation.num_tokens
+        assert row[REFERENCE] == [-row.uid / 100] * len(row[TRAJECTORY].payload.tokens)
     assert all(len(call) % N == 0 for call in ref.calls)  # whole groups per call
 
 
@@ -105,31 +140,29 @@ def test_reference_result_for_a_row_cleared_by_a_retry_is_not_kept(tokenizer):
     c, _, _ = controller(tokenizer, FakeReward(flaky={flaky}, times=1), reference=ref)
     [result] = c.run(1)
     [row] = [row for g in result.groups for row in g if row.uid == flaky]
-    assert row.status is Status.OK and row.reference == [-flaky / 100] * row.generation.num_tokens
+    assert row.status is Status.OK and row[REFERENCE] == [-flaky / 100] * len(row[TRAJECTORY].payload.tokens)
     assert sum(call.count(flaky) for call in ref.calls) == 2  # scored again after its regeneration
 
 
-def test_reference_group_and_store_column_go_together(tokenizer):
-    groups = [WorkerGroup(name, [object()]) for name in ("rollout", "reward", "trainer")]
-    with pytest.raises(ValueError, match="reference worker group and the store's 'reference' column"):
-        Controller(SampleStore(COLUMNS + (REFERENCE,)), StalenessBudget(0, B), *groups, problems(), list,
-                   group_size=N, groups_per_step=P, generate_batch=B)
-    with pytest.raises(ValueError, match="reference worker group and the store's 'reference' column"):
-        Controller(SampleStore(), StalenessBudget(0, B), *groups, problems(), list, group_size=N, groups_per_step=P,
-                   generate_batch=B, reference=WorkerGroup("reference", [FakeReference()]))
-
-
-def test_store_columns_are_checked():
-    with pytest.raises(StoreError, match="must include"):
-        SampleStore(("prompt", "generation"))
-    with pytest.raises(StoreError, match="must include"):
-        SampleStore(COLUMNS + ("values",))
+def test_every_column_needs_exactly_one_stage_on_one_backend(tokenizer):
+    backend = InlineBackend()
+    rollout = Stage(TRAJECTORY, WorkerGroup("rollout", [object()], backend), "rollout", lambda u, c: u)
+    reward = Stage(REWARD, WorkerGroup("reward", [object()], backend), "score", lambda u, c: u)
+    trainer = WorkerGroup("trainer", [object()], backend)
+    with pytest.raises(ValueError, match=r"every column but the admission column needs exactly one stage: columns "
+                                         r"\['trajectory', 'reward'\], stages \['trajectory'\]"):
+        Controller(SampleStore(COLUMNS), StalenessBudget(0, B), [rollout], trainer, problems(), N, P)
+    elsewhere = Stage(REWARD, WorkerGroup("reward", [object()], InlineBackend()), "score", lambda u, c: u)
+    with pytest.raises(ValueError, match="same backend"):
+        Controller(SampleStore(COLUMNS), StalenessBudget(0, B), [rollout, elsewhere], trainer, problems(), N, P)
+    with pytest.raises(ValueError, match="budget counts 5 samples per step but a step takes 2 groups of 3"):
+        Controller(SampleStore(COLUMNS), StalenessBudget(0, 5), [rollout, reward], trainer, problems(), N, P)
 
 
 def test_budget_release_frees_room_and_refuses_more_than_admitted():
     budget = StalenessBudget(0, 4)
     assert budget.admit(0, 4) and not budget.admit(0, 1)
     budget.release(2)
-    assert budget.capacity(0) == 2 and budget.admit(0, 2)
+    assert budget.admit(0, 2) and not budget.admit(0, 1)
     with pytest.raises(ValueError, match="release"):
         budget.release(5)

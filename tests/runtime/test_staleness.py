@@ -3,7 +3,7 @@ from collections import deque
 
 import pytest
 
-from rollflow.runtime.staleness import StalenessBudget
+from rollflow.runtime.staleness import StageTimes, StalenessBudget, choose_staleness
 
 
 class FakeVersionClock:
@@ -16,21 +16,26 @@ class FakeVersionClock:
         self.version += 1
 
 
+def room(budget: StalenessBudget, version: int) -> int:
+    """How many single samples the budget admits at ``version`` (admitting them)."""
+    n = 0
+    while budget.admit(version, 1):
+        n += 1
+    return n
+
+
 def test_capacity_formula():
     budget = StalenessBudget(eta=1, batch_size=4)
-    assert budget.capacity(0) == 8  # (0 + 1 + 1) · 4 − 0
     assert budget.admit(0, 3)
-    assert budget.capacity(0) == 5  # 8 − 3
-    assert budget.capacity(2) == 13  # (2 + 1 + 1) · 4 − 3
+    assert room(budget, 0) == 5  # (0 + 1 + 1) · 4 − 3
+    assert room(budget, 2) == 8  # (2 + 1 + 1) · 4 − 8
 
 
 def test_eta_zero_admits_exactly_one_batch_per_version():
     clock, budget = FakeVersionClock(), StalenessBudget(eta=0, batch_size=4)
     for v in range(3):
         assert clock.version == v
-        assert budget.capacity(clock.version) == 4
         assert budget.admit(clock.version, 4)
-        assert budget.capacity(clock.version) == 0
         assert not budget.admit(clock.version, 1)
         clock.bump()
     assert budget.admitted == 12
@@ -38,9 +43,8 @@ def test_eta_zero_admits_exactly_one_batch_per_version():
 
 def test_eta_two_admits_three_batches_at_version_zero():
     budget = StalenessBudget(eta=2, batch_size=4)
-    assert budget.capacity(0) == 12
     assert [budget.admit(0, 4) for _ in range(4)] == [True, True, True, False]
-    assert budget.capacity(1) == 4
+    assert room(budget, 1) == 4
 
 
 def test_admit_refuses_beyond_capacity_without_reserving():
@@ -48,14 +52,26 @@ def test_admit_refuses_beyond_capacity_without_reserving():
     assert budget.admit(0, 3)
     assert not budget.admit(0, 2)  # 2 > capacity 1: refused whole, nothing reserved
     assert budget.admitted == 3
-    assert budget.capacity(0) == 1
     assert budget.admit(0, 1)
 
 
-def test_capacity_never_negative():
+def test_an_older_version_sees_no_room():
     budget = StalenessBudget(eta=1, batch_size=2)
     assert budget.admit(5, 14)  # (5 + 2) · 2 = 14
-    assert budget.capacity(0) == 0  # an older version sees no room, not a negative one
+    assert not budget.admit(0, 1)
+
+
+def test_lowering_eta_admits_nothing_until_the_trainer_catches_up():
+    budget = StalenessBudget(eta=2, batch_size=2)
+    assert room(budget, 0) == 6
+    budget.set_eta(0)
+    assert room(budget, 1) == 0  # (1 + 0 + 1) · 2 = 4 < 6 admitted
+    assert room(budget, 2) == 0
+    assert room(budget, 3) == 2
+    budget.set_eta(1)
+    assert room(budget, 3) == 2  # raising η admits the next batch at once
+    with pytest.raises(ValueError, match="need eta >= 0"):
+        budget.set_eta(-1)
 
 
 @pytest.mark.parametrize("eta, batch_size", [(-1, 4), (0, 0)])
@@ -96,3 +112,33 @@ def test_irregular_admission_keeps_every_sample_within_eta(eta):
             consumed += B
             clock.bump()
     assert consumed >= 20 * B  # the simulation made real progress
+
+
+# -- runtime.staleness=auto ------------------------------------------------------------------------------------------
+def times(produce, train, step, n=3):
+    return [StageTimes(produce, train, step)] * n
+
+
+def test_auto_keeps_synchronous_when_cpu_bound_stages_would_only_share_the_cores():
+    eta, reason = choose_staleness(times(0.3, 0.3, 0.65), split=2.0)
+    assert eta == 0
+    assert reason.startswith("synchronous step 0.650 s = produce 0.300 + train 0.300 + wait 0.050")
+    assert "overlap predicted no faster (0.600 s at η=1" in reason
+
+
+def test_auto_overlaps_slow_rewards_and_picks_the_eta_that_hides_them():
+    # wait 1.5 s per step: η=1 predicts max(0.6, 0.6, 2.1/2) = 1.05 s, η=2 predicts 0.7 s; both beat 0.9 × 2.1 s.
+    eta, reason = choose_staleness(times(0.3, 0.3, 2.1), split=2.0)
+    assert eta == 2
+    assert reason.endswith("overlapped at η=2 predicted 0.700 s")
+    assert choose_staleness(times(0.3, 0.3, 2.1), split=2.0, max_eta=1)[0] == 1
+
+
+def test_auto_prefers_the_smallest_eta_within_five_percent_of_the_best():
+    # split 1 (rollout and trainer on their own devices): η=1 predicts max(0.3, 0.3, 0.35/2) = 0.3, as good as η=2.
+    assert choose_staleness(times(0.3, 0.3, 0.65), split=1.0)[0] == 1
+
+
+def test_auto_averages_the_measured_steps():
+    samples = [StageTimes(0.3, 0.3, 0.6), StageTimes(0.3, 0.3, 3.6)]  # mean step 2.1 s: slow rewards after all
+    assert choose_staleness(samples, split=2.0)[0] == 2

@@ -10,7 +10,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def fake_metrics(step: int) -> dict:
     return {
-        "reward/mean": 0.1 * step, "reward/std": 0.05, "time/generate": 1.5,
+        "reward/mean": 0.1 * step, "reward/std": 0.05, "time/trajectory": 1.5,
         "throughput/samples_per_s": 32.0, "loss/kl": None,
         **({"eval/accuracy": 0.2 + 0.1 * step} if step % 2 == 0 else {}),
     }

@@ -1,37 +1,43 @@
-"""The real ``TrainerWorker`` with each kind of algorithm part, driven by the controller with fake producers:
-a critic (token-level GAE), KL to a reference in the reward and in the loss, reward shaping, and which π_old the
-ratio uses for each correction."""
+"""The real ``TrainerWorker`` running ``algos.policy_step.TextPolicyStep`` with each kind of algorithm part, driven
+by the controller with fake producers: a critic (token-level GAE), KL to a reference in the reward and in the loss,
+reward shaping, and which π_old the ratio uses for each correction."""
 
 import copy
 import functools
 
 import pytest
 import torch
-from test_controller import B, N, P, FakeReward, FakeRollout, Policy, problems
-from test_controller_stages import FakeReference
+from test_controller import B, COLUMNS, N, P, REWARD, TASK, TRAJECTORY, FakeReward, FakeRollout, Policy, problems
+from test_controller_stages import REFERENCE, FakeReference
 
 from rollflow.algos import ADVANTAGES, policy_loss_fn, proximal, signal_share, value_loss_fn
-from rollflow.api import COLUMNS, REFERENCE, RewardCell, RewardResult
+from rollflow.algos.kl import k3
+from rollflow.algos.policy_step import Algorithm, TextPolicyStep
+from rollflow.api import Column, RewardCell, RewardResult
 from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.torch_train import TorchTrainEngine
+from rollflow.runtime.backend import InlineBackend
 from rollflow.runtime.controller import Controller
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import Algorithm, TrainerWorker
+from rollflow.runtime.roles import TrainerWorker
+from rollflow.runtime.stage import Stage
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.weights import InlineWeightTransport
 
 
 class Recording(TorchTrainEngine):
-    """Keeps every batch it trains on (after the trainer filled advantages, values, π_old)."""
+    """Keeps every batch it trains on (after the step filled advantages, values, π_old) and the log-probs of the
+    weights it was trained from."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
-        self.batches, self.recomputed, self.lr_scales = [], 0, []
+        self.batches, self.recomputed, self.lr_scales, self.before = [], 0, [], []
 
     def train_step(self, batch, loss_fn, minibatches=1, epochs=1, lr_scale=1.0):
         self.batches.append(copy.copy(batch))
         self.lr_scales.append(lr_scale)
+        self.before.append(super().compute_logprobs(batch))
         return super().train_step(batch, loss_fn, minibatches, epochs, lr_scale)
 
     def compute_logprobs(self, batch):
@@ -43,31 +49,35 @@ class SomeGroupsAgree(FakeReward):
     """Every third group scores 1 throughout (no signal); the others score their digits' parity (mixed)."""
 
     def score(self, items):
-        scored = super().score(items)
-        for s in scored:
-            if (s.uid // N) % 3 == 0:
-                s.cell = RewardCell(RewardResult(1.0), 0.0)
-        return scored
+        out = super().score(items)
+        for p in out.values:
+            if (p.uid // N) % 3 == 0:
+                p.value = RewardCell(RewardResult(1.0), 0.0)
+        return out
 
 
 def run(tokenizer, model, algorithm, steps=2, eta=0, critic=None, reference=False, reward=None, engine_cls=None):
-    policy = Policy()
+    policy, backend = Policy(), InlineBackend()
     engine = (engine_cls or Recording)(model, lr=1e-3)
-    trainer = TrainerWorker(engine, InlineWeightTransport(), tokenizer.pad_token_id, algorithm, 1, 1, critic=critic)
+    trainer = TrainerWorker(engine, InlineWeightTransport(), TextPolicyStep(algorithm, tokenizer.pad_token_id), critic=critic)
 
     class Versioned(FakeRollout):  # samples at the trainer's real version, so lags are real
-        def rollout(self, items, params=None):
+        def rollout(self, items):
             policy.version = engine.version
-            return super().rollout(items, params)
+            return super().rollout(items)
 
-    store = SampleStore(COLUMNS + ((REFERENCE,) if reference else ()))
-    controller = Controller(
-        store, StalenessBudget(eta, B), WorkerGroup("rollout", [Versioned(tokenizer, policy)]), WorkerGroup("reward", [reward or FakeReward()]),
-        WorkerGroup("trainer", [trainer]), problems(),
-        lambda text: [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)],
-        group_size=N, groups_per_step=P, generate_batch=B,
-        reference=WorkerGroup("reference", [FakeReference()]) if reference else None,
-    )
+    columns, stages = list(COLUMNS), [
+        Stage(TRAJECTORY, WorkerGroup("rollout", [Versioned(tokenizer, policy)], backend), "rollout",
+              lambda uid, cells: (uid, cells[TASK]), groups_per_call=P),
+        Stage(REWARD, WorkerGroup("reward", [reward or FakeReward()], backend), "score",
+              lambda uid, cells: (uid, cells[TASK], cells[TRAJECTORY])),
+    ]
+    if reference:
+        columns.append(Column(REFERENCE, (TRAJECTORY,)))
+        stages.append(Stage(REFERENCE, WorkerGroup("reference", [FakeReference()], backend), "score",
+                            lambda uid, cells: (uid, cells[TRAJECTORY])))
+    controller = Controller(SampleStore(columns), StalenessBudget(eta, B), stages, WorkerGroup("trainer", [trainer], backend),
+                            problems(), group_size=N, groups_per_step=P)
     return list(controller.run(steps)), engine
 
 
@@ -88,7 +98,7 @@ def test_critic_path_end_to_end(tokenizer, make_model):
     mask = batch.response_mask
     assert batch.values is not None and batch.returns is not None
     # returns = GAE advantages + values: with γ = 1 and one terminal reward they lie near the reward
-    rewards = torch.tensor([row.reward.result.reward for g in results[-1].groups for row in g])
+    rewards = torch.tensor([row[REWARD].result.reward for g in results[-1].groups for row in g])
     last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
     assert torch.allclose(batch.returns[torch.arange(len(last)), last], rewards, atol=1e-5)  # δ at the last token
     assert (batch.advantages * (1 - mask)).abs().sum() == 0
@@ -113,7 +123,7 @@ def test_critic_init_copies_the_policy_decoder(make_model):
 def test_an_estimator_that_needs_a_critic_refuses_to_run_without_one(tokenizer, make_model):
     algorithm = Algorithm(ADVANTAGES.get("gae"), grpo_loss(), token_level=True, needs_critic=True)
     with pytest.raises(ValueError, match="needs a critic"):
-        TrainerWorker(TorchTrainEngine(make_model(), lr=1e-3), InlineWeightTransport(), 0, algorithm, 1, 1)
+        run(tokenizer, make_model(), algorithm, steps=1)
 
 
 def test_reinforce_pp_is_token_level_without_a_critic(tokenizer, make_model):
@@ -134,7 +144,7 @@ def test_kl_in_the_reward_lowers_each_sequence_reward_by_its_penalty(tokenizer, 
     rows = [r for g in kl[0].groups for r in g]
     # fake behaviour log-probs are -0.5 per token and the fake reference's -uid/100: penalty per token
     # -0.5·(-0.5 + uid/100), summed over the row's tokens
-    penalty = torch.tensor([-coef * (-0.5 + r.uid / 100) * r.generation.num_tokens for r in rows])
+    penalty = torch.tensor([-coef * (-0.5 + r.uid / 100) * r[TRAJECTORY].size for r in rows])
     assert kl[0].train.metrics["kl/reward_penalty"] == pytest.approx(penalty.mean().item(), abs=1e-5)
     a_plain = e_plain.batches[0].advantages.max(1).values + e_plain.batches[0].advantages.min(1).values
     a_kl = e_kl.batches[0].advantages.max(1).values + e_kl.batches[0].advantages.min(1).values
@@ -145,14 +155,27 @@ def test_kl_in_the_reward_lowers_each_sequence_reward_by_its_penalty(tokenizer, 
 
 def test_kl_in_the_loss_reports_the_reference_kl(tokenizer, make_model):
     results, engine = run(tokenizer, make_model(), Algorithm(ADVANTAGES.get("grpo"), grpo_loss(kl_coef=0.1)), reference=True)
-    assert engine.batches[0].ref_logprobs is not None
-    assert results[-1].train.metrics["kl_ref"] > 0
+    for result, batch, before in zip(results, engine.batches, engine.before):
+        rows = [r for g in result.groups for r in g]
+        # the fake reference gives -uid/100 on every token; the batch holds it on the model's tokens
+        for i, row in enumerate(rows):
+            n = len(row[TRAJECTORY].payload.tokens)  # inline: the payload is the trajectory
+            assert batch.ref_logprobs[i, :n].tolist() == pytest.approx([-row.uid / 100] * n)
+        # one update per step: the metric is k3 between the weights trained from and the reference, over the mask
+        mask = batch.response_mask
+        expected = (k3(before, batch.ref_logprobs) * mask).sum() / mask.sum()
+        assert result.train.metrics["kl_ref"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_reward_shaping_changes_the_rewards_the_advantages_see(tokenizer, make_model):
-    shape = lambda rewards, lengths: rewards - 10.0 * (lengths > 1)  # noqa: E731  every fake response has 2 tokens
-    results, _ = run(tokenizer, make_model(), Algorithm(ADVANTAGES.get("grpo"), grpo_loss(), shape=shape), steps=1)
-    assert results[0].train.metrics["reward/shaping"] == pytest.approx(-10.0)
+def test_reward_shaping_reaches_the_advantages(tokenizer, make_model):
+    flip = lambda rewards, lengths: 1.0 - rewards  # noqa: E731  a shaping that reverses every group's ranking
+    plain, e_plain = run(tokenizer, make_model(), Algorithm(ADVANTAGES.get("grpo"), grpo_loss()), steps=1)
+    shaped, e_shaped = run(tokenizer, make_model(), Algorithm(ADVANTAGES.get("grpo"), grpo_loss(), shape=flip), steps=1)
+    rewards = torch.tensor([r[REWARD].result.reward for g in shaped[0].groups for r in g])
+    assert shaped[0].train.metrics["reward/shaping"] == pytest.approx((1.0 - 2 * rewards).mean().item())
+    # GRPO of 1 - r is minus GRPO of r: the estimator saw the shaped rewards, not the verifier's
+    assert torch.allclose(e_shaped.batches[0].advantages, -e_plain.batches[0].advantages, atol=1e-6)
+    assert e_plain.batches[0].advantages.abs().sum() > 0
 
 
 @pytest.mark.parametrize("correction", ["none", "tis", "decoupled", "aipo"])
@@ -172,7 +195,7 @@ def test_trainer_marks_groups_and_scales_the_step_by_its_signal(tokenizer, make_
         rows = [row for g in result.groups for row in g]
         assert batch.group_ids.tolist() == [i for i in range(P) for _ in range(N)]
         # a group's rewards all equal <=> its advantages are all 0
-        mixed = [len({row.reward.result.reward for row in g}) > 1 for g in result.groups]
+        mixed = [len({row[REWARD].result.reward for row in g}) > 1 for g in result.groups]
         assert scale == pytest.approx(sum(mixed) * N / len(rows))
         assert result.train.metrics["train/lr_scale"] == scale
     assert len(set(engine.lr_scales)) > 1, "the fake policy should give steps with different signal"
@@ -182,11 +205,11 @@ class SignalOnlyFirst(FakeReward):
     """The first step's groups score their digits' parity (mixed); every later sample scores 1 (no signal)."""
 
     def score(self, items):
-        scored = super().score(items)
-        for s in scored:
-            if s.uid >= B:
-                s.cell = RewardCell(RewardResult(1.0), 0.0)
-        return scored
+        out = super().score(items)
+        for p in out.values:
+            if p.uid >= B:
+                p.value = RewardCell(RewardResult(1.0), 0.0)
+        return out
 
 
 @pytest.mark.parametrize("scaled", [True, False])
@@ -204,6 +227,6 @@ def test_steps_without_signal_move_no_weight_only_when_scaled(tokenizer, make_mo
             return out
 
     results, _ = run(tokenizer, model, algorithm, steps=3, reward=SignalOnlyFirst(), engine_cls=Snapshot)
-    assert all(len({row.reward.result.reward for row in g}) == 1 for r in results[1:] for g in r.groups)
+    assert all(len({row[REWARD].result.reward for row in g}) == 1 for r in results[1:] for g in r.groups)
     moved = (snapshots[2] - snapshots[0]).abs().max().item()
     assert (moved == 0.0) if scaled else (moved > 1e-5)

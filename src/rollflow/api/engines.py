@@ -6,13 +6,14 @@ position 0 has no prediction and holds 0. Masks select the response tokens that 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import torch
 
-from rollflow.api.sample import Generation, SamplingParams
+from rollflow.api.sample import Generation, SampleRow, SamplingParams
+from rollflow.api.trajectory import Fragment, Trajectory
 from rollflow.api.weights import VersionedWeights
 
 
@@ -22,7 +23,7 @@ class TrainBatch:
 
     input_ids: torch.Tensor  # (B, T) long
     attention_mask: torch.Tensor  # (B, T) 0/1
-    response_mask: torch.Tensor  # (B, T) float, 1 on response tokens that enter the loss
+    response_mask: torch.Tensor  # (B, T) float, the loss mask: 1 on model tokens that enter the loss
     old_logprobs: torch.Tensor  # (B, T) π_old of the policy ratio: the behaviour log-probs, or recomputed by the trainer
     behav_logprobs: torch.Tensor  # (B, T) log-probs recorded by the rollout engine that sampled the tokens (0 where unknown)
     advantages: torch.Tensor  # (B, T)
@@ -34,6 +35,24 @@ class TrainBatch:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @classmethod
+    def from_trajectories(cls, trajectories: Sequence[Trajectory], pad_id: int) -> TrainBatch:
+        """Row i is trajectory i's tokens exactly as produced, right-padded; the loss mask, behaviour log-probs
+        (also π_old until a trainer recomputes it) and versions are its per-token columns; advantages are 0."""
+        B, T = len(trajectories), max(len(t.tokens) for t in trajectories)
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        mask, logp = torch.zeros((B, T)), torch.zeros((B, T))
+        ver = torch.full((B, T), -1, dtype=torch.long)
+        for i, t in enumerate(trajectories):
+            n = len(t.tokens)
+            ids[i, :n] = torch.tensor(t.tokens, dtype=torch.long)
+            attn[i, :n] = 1
+            mask[i, :n] = torch.tensor(t.loss_mask, dtype=torch.float)
+            logp[i, :n] = torch.tensor(t.logprobs, dtype=torch.float)
+            ver[i, :n] = torch.tensor(t.versions, dtype=torch.long)
+        return cls(ids, attn, mask, logp, logp.clone(), torch.zeros((B, T)), ver)
 
     def select(self, index: torch.Tensor) -> TrainBatch:
         return replace(self, **{f.name: v[index] for f in fields(self) if (v := getattr(self, f.name)) is not None})
@@ -58,6 +77,60 @@ class LossOutput:
 
 # (current log-probs (B, T), entropy (B, T), batch) -> loss. Written by algos/, called by the training engine.
 LossFn = Callable[[torch.Tensor, torch.Tensor, TrainBatch], LossOutput]
+
+
+@dataclass
+class StepBatch:
+    """N environment steps of a non-text agent, as a policy trainer takes them (the counterpart of ``TrainBatch``)."""
+
+    observations: torch.Tensor  # (N, *obs) what each action saw
+    actions: torch.Tensor  # (N, *act)
+    advantages: torch.Tensor  # (N,)
+    behav_logprobs: torch.Tensor  # (N,) recorded by the rollout engine
+    versions: torch.Tensor  # (N,) long, policy version that chose each action
+
+    def __len__(self) -> int:
+        return self.actions.shape[0]
+
+    @classmethod
+    def from_fragments(cls, fragments: Sequence[Fragment], advantages: torch.Tensor) -> StepBatch:
+        """The fragments' steps in order (fragment 0's T steps first); ``advantages`` (N,) in the same order."""
+        return cls(torch.cat([f.observations[:-1] for f in fragments]), torch.cat([f.actions for f in fragments]),
+                   advantages, torch.cat([f.logprobs for f in fragments]), torch.cat([f.versions for f in fragments]))
+
+    def select(self, index: torch.Tensor) -> StepBatch:
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def split(self, n: int, generator: torch.Generator | None = None) -> list[StepBatch]:
+        """Shuffle and cut into ``n`` minibatches of near-equal size."""
+        order = torch.randperm(len(self), generator=generator)
+        return [self.select(chunk) for chunk in order.tensor_split(n)]
+
+
+# (log-probs of the taken actions (N,), entropies (N,), the steps) -> loss. Written by algos/, called by the trainer.
+StepLossFn = Callable[[torch.Tensor, torch.Tensor, StepBatch], LossOutput]
+
+
+class PolicyTrainEngine(Protocol):
+    """Optimises a non-text policy with a loss it is given; knows nothing of the RL algorithm."""
+
+    @property
+    def version(self) -> int:
+        """Number of ``train_step`` calls so far (SFT and RL alike), whatever their minibatches and epochs."""
+        ...
+
+    def train_step(self, batch: StepBatch, loss_fn: StepLossFn, minibatches: int, epochs: int) -> dict[str, float]: ...
+
+    def export_weights(self) -> VersionedWeights: ...
+
+
+class TrainStep(Protocol):
+    """One RL step on complete groups, built by a recipe from ``algos``: batch building, shaping, advantages, π_old
+    recompute, the losses (through ``engine.train_step``, which takes exactly one optimizer version) and the critic.
+    Rows' trajectory cells arrive resolved (the ``Trajectory`` or ``Fragment`` itself). Returns the step's metrics."""
+
+    def __call__(self, groups: list[list[SampleRow]], engine: TrainEngine | PolicyTrainEngine,
+                 critic: CriticEngine | None) -> dict[str, float]: ...
 
 
 class InferenceEngine(Protocol):
@@ -106,7 +179,7 @@ class TrainEngine(Protocol):
 
     @property
     def version(self) -> int:
-        """Number of optimizer steps taken through ``train_step`` (one per RL step)."""
+        """Number of ``train_step`` calls so far (SFT and RL alike), whatever their minibatches and epochs."""
         ...
 
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int, epochs: int, lr_scale: float = 1.0) -> dict[str, float]:
@@ -118,3 +191,18 @@ class TrainEngine(Protocol):
         ...
 
     def export_weights(self) -> VersionedWeights: ...
+
+
+class PolicyEngine(Protocol):
+    """Chooses actions of a non-text agent. Holds exactly one weight version at a time."""
+
+    @property
+    def version(self) -> int: ...
+
+    def act(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of observations (B, *obs) -> sampled actions (B, *act) and their log-probs (B,)."""
+        ...
+
+    def load_weights(self, weights: VersionedWeights) -> None:
+        """Verify ``weights.checksum`` and swap them in; called only between act calls."""
+        ...

@@ -1,7 +1,9 @@
-"""The sample schema: what every row of the sample store carries.
+"""The sample schema: what a task instance, a verdict and a store row are.
 
-A row is created when the controller admits a prompt and is filled column by column as stages finish:
-``prompt`` (admission) → ``generation`` (rollout) → ``reward`` (reward worker) → consumed by the trainer.
+The store's columns are not fixed here: a recipe declares them (``Column``: its name, the columns a stage reads
+before it can fill it, whether its values carry policy versions). GRPO's are ``task`` (filled at admission) →
+``trajectory`` (rollout) → ``reward`` and ``reference`` (side by side); a simulator recipe has just ``task`` →
+``fragment``. A row handed to a consumer is a ``SampleRow``: its cells by column name, and its timestamps.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from typing import Any
 
 
 class Status(str, enum.Enum):
-    """Outcome class of a sample. Only ``ok`` and ``agent_error``/``timeout`` are trained on;
-    ``infra_error`` is never turned into a reward: the sample is retried or masked."""
+    """Outcome class of a sample. ``ok``, ``agent_error`` and ``timeout`` are trained on (an agent's fault is an
+    outcome with its own reward); ``infra_error`` never is: the sample is retried, then masked and counted."""
 
     OK = "ok"
     AGENT_ERROR = "agent_error"
@@ -23,7 +25,7 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Problem:
-    """One task instance: the prompt shown to the policy and what the verifier needs to score it."""
+    """One task instance of a text task: the prompt shown to the policy and what the verifier needs to score it."""
 
     prompt: str
     answer: str
@@ -49,7 +51,7 @@ class SamplingParams:
 
 @dataclass
 class Generation:
-    """One sampled response. ``logprobs[i]`` and ``versions[i]`` belong to ``response_ids[i]``."""
+    """One sampled response of an inference engine. ``logprobs[i]`` and ``versions[i]`` belong to ``response_ids[i]``."""
 
     response_ids: list[int]
     response_text: str
@@ -58,72 +60,57 @@ class Generation:
     finish_reason: str  # "eos" | "length"
 
 
-# Column names of the sample store. Every run fills the first three; ``reference`` (the frozen reference policy's
-# per-token log-probs) only when the algorithm uses a KL term. ``NEEDS`` says what a stage reads before it can start.
-PROMPT = "prompt"
-GENERATION = "generation"
-REWARD = "reward"
-REFERENCE = "reference"
-COLUMNS = (PROMPT, GENERATION, REWARD)
-NEEDS = {GENERATION: (PROMPT,), REWARD: (GENERATION,), REFERENCE: (GENERATION,)}
+@dataclass(frozen=True)
+class Column:
+    """One column of the sample store, declared by the recipe.
 
+    ``reads``: the columns a row must have before this one can be produced (empty for the admission column, which is
+    the first one declared). ``versioned``: its values carry ``.version``, the lowest policy version of the tokens
+    they hold; the store's staleness deadline reads it."""
 
-@dataclass
-class PromptCell:
-    """The ``prompt`` column: filled at admission."""
-
-    group_id: int
-    problem: Problem
-    prompt_ids: list[int]
-
-
-@dataclass
-class GenerationCell:
-    """The ``generation`` column. The controller and the logs read the light fields; ``payload`` is the ``Generation``
-    itself (inline backend) or a handle to it in the backend's object store (Ray), resolved only by the worker that
-    trains on it, so token ids and log-probs never pass through the driver."""
-
-    response_text: str
-    num_tokens: int
-    version: int  # the policy version that generated every token (an engine batch never mixes versions)
-    finish_reason: str
-    payload: Any
-
-    @classmethod
-    def of(cls, generation: Generation, payload: Any = None) -> GenerationCell:
-        version = min(generation.versions) if generation.versions else -1
-        return cls(generation.response_text, len(generation.response_ids), version, generation.finish_reason,
-                   generation if payload is None else payload)
+    name: str
+    reads: tuple[str, ...] = ()
+    versioned: bool = False
 
 
 @dataclass
 class RewardCell:
-    """The ``reward`` column: filled by a reward worker."""
+    """A reward column's value: the verdict and how long computing it took."""
 
     result: RewardResult
     duration: float
 
+    @property
+    def status(self) -> Status:
+        return self.result.status
+
 
 @dataclass
 class SampleRow:
-    """A complete row as handed to a consumer. Timestamps are ``time.time()`` seconds."""
+    """A complete row as handed to a consumer: its cells by column name. Timestamps are ``time.time()`` seconds
+    (``admitted``, ``started`` and ``finished`` of its production, ``consumed``)."""
 
     uid: int
-    prompt: PromptCell
-    generation: GenerationCell
-    reward: RewardCell
+    group_id: int
+    cells: dict[str, Any]
     timestamps: dict[str, float]
-    reference: list[float] | None = None  # per response token, when the run has a reference column
 
-    @property
-    def group_id(self) -> int:
-        return self.prompt.group_id
+    def __getitem__(self, column: str) -> Any:
+        return self.cells[column]
+
+    def get(self, column: str, default: Any = None) -> Any:
+        return self.cells.get(column, default)
 
     @property
     def status(self) -> Status:
-        return self.reward.result.status
+        """The first non-``ok`` status among the cells that have one (in column order), else ``ok``."""
+        for cell in self.cells.values():
+            status = getattr(cell, "status", Status.OK)
+            if status is not Status.OK:
+                return status
+        return Status.OK
 
     @property
     def duration(self) -> float:
-        """Seconds from start of generation to the reward being known."""
+        """Seconds from the start of its production to its last column."""
         return self.timestamps["finished"] - self.timestamps["started"]

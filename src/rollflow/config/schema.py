@@ -2,9 +2,9 @@
 
 Batch sizes have one meaning each, defined here and nowhere else:
 
-- ``rollout.prompts_per_step`` (P): distinct prompts sampled per RL step.
-- ``rollout.samples_per_prompt`` (n): responses per prompt, the GRPO group size.
-- ``Config.samples_per_step`` = P × n: samples the trainer consumes per step (derived, not settable).
+- ``rollout.groups_per_step`` (G): groups, i.e. distinct task instances (prompts), per RL step.
+- ``rollout.group_size`` (n): samples per task instance (responses per prompt), the group GRPO normalises over.
+- ``Config.samples_per_step`` = G × n: samples the trainer consumes per step (derived, not settable).
 - ``train.minibatches_per_step``: optimizer updates each epoch cuts the step's samples into.
 - ``train.epochs_per_step``: passes over the step's samples, so one step makes minibatches × epochs updates.
 """
@@ -12,6 +12,8 @@ Batch sizes have one meaning each, defined here and nowhere else:
 from __future__ import annotations
 
 from typing import Annotated, Literal
+
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -114,17 +116,36 @@ class SFTConfig(Section):
     """Trainer threads during SFT, when nothing else runs (RL uses runtime.trainer.torch_threads)."""
 
 
+RENAMED = {"prompts_per_step": "groups_per_step", "samples_per_prompt": "group_size"}
+
+
 class RolloutConfig(Section):
-    prompts_per_step: int = Field(32, ge=1)
-    """P: distinct prompts per RL step."""
-    samples_per_prompt: int = Field(8, ge=2)
-    """n: responses per prompt (the group GRPO normalises over)."""
+    groups_per_step: int = Field(32, ge=1)
+    """G: groups (distinct prompts) per RL step."""
+    group_size: int = Field(8, ge=2)
+    """n: samples per prompt (the group GRPO normalises over)."""
     temperature: float = Field(1.0, gt=0.0)
     """Sampling temperature (the trainer scores tokens at the same temperature)."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass."""
     max_new_tokens: int = Field(8, ge=1)
     """Longest response; a response cut here has finish_reason 'length'."""
+    episode_timeout: float | None = Field(None, gt=0.0)
+    """Seconds an episode may take (null: no limit); past it the episode ends with status 'timeout' and is scored
+    on what it produced so far."""
+    engine_timeout: float | None = Field(600.0, gt=0.0)
+    """Seconds one request may wait for the inference engine; past it the sample is an infra_error (retried)."""
+    env_timeout: float | None = Field(None, gt=0.0)
+    """Seconds one environment call may take (multi-turn workflows); past it the episode ends with status 'timeout'."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in RENAMED.items():
+                if old in data:
+                    raise ValueError(f"rollout.{old} is now rollout.{new} (same meaning); rename it in your config")
+        return data
 
 
 class TrainConfig(Section):
@@ -209,6 +230,87 @@ class AlgoConfig(Section):
                 raise ValueError(f"algo.{field}: {e.args[0]}") from None
         return self
 
+    @model_validator(mode="after")
+    def _used(self) -> AlgoConfig:
+        """Refuse a field moved from its default that the chosen parts ignore: it would silently change nothing.
+        Judged against the default rather than the fields given, so that a run's config.yaml, which lists every
+        field, loads again."""
+        import ast
+        import inspect
+        import textwrap
+        from collections.abc import Callable
+
+        def reads(*params: str) -> Callable[[Callable[..., Any]], bool]:
+            """Whether a part takes one of ``params`` and its body reads it. Some parts take a config field only so
+            that every part of their kind can be called alike, and ignore it (``reinforce`` takes ``clip_low``, every
+            aggregation takes ``norm``), so the signature alone cannot tell. Without source to read, a parameter
+            taken counts as read."""
+
+            def uses(fn: Callable[..., Any]) -> bool:
+                taken = [p for p in params if p in inspect.signature(fn).parameters]
+                try:
+                    node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+                except (OSError, TypeError, SyntaxError):
+                    return bool(taken)
+                if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    return bool(taken)
+                return any(isinstance(n, ast.Name) and n.id in taken and isinstance(n.ctx, ast.Load)
+                           for statement in node.body for n in ast.walk(statement))
+
+            return uses
+
+        def ratio_not_to_current(fn: Callable[..., Any]) -> bool:
+            # a ratio taken to π itself is 1 in value, inside every clip range
+            return getattr(fn, "proximal", None) != "current"
+
+        # (field, the choice deciding whether it is used, that choice's registry, whether a registered part uses it)
+        by_part = [
+            ("scale_by_std", "advantage", ADVANTAGES, reads("scale_by_std")),
+            ("gamma", "advantage", ADVANTAGES, reads("gamma")),
+            ("lam", "advantage", ADVANTAGES, reads("lam")),
+            ("critic", "advantage", ADVANTAGES, lambda fn: getattr(fn, "needs_critic", False)),
+            ("correction_cap", "correction", CORRECTIONS, reads("cap", "rho")),
+            ("loss_norm", "aggregation", AGGREGATIONS, reads("norm")),
+            ("clip_low", "loss", POLICY_LOSSES, reads("clip_low")),
+            ("clip_high", "loss", POLICY_LOSSES, reads("clip_high")),
+            ("clip_low", "correction", CORRECTIONS, ratio_not_to_current),
+            ("clip_high", "correction", CORRECTIONS, ratio_not_to_current),
+        ]
+        problems: dict[str, str] = {}
+        for field, choice, registry, uses in by_part:
+            chosen, moved = getattr(self, choice), self._moved(field)
+            if not moved or uses(registry.get(chosen)):
+                continue
+            users = [name for name in registry.names() if uses(registry.get(name))]
+            fix = f"it is used by: {', '.join(users)}); remove it or choose one of those" if users else (
+                f"no registered {registry.kind} uses it); remove it")
+            for key, value in moved:
+                problems.setdefault(key, f"algo.{key}={value} has no effect with algo.{choice}={chosen} ({fix}")
+        kl_off, sampling_off = f"algo.kl_coef={self.kl_coef}", "algo.dynamic_sampling=false"
+        switches = [  # (field, whether its feature is on, the setting that has it off, the setting that turns it on)
+            ("kl_estimator", self.kl_coef > 0, kl_off, "algo.kl_coef > 0"),
+            ("kl_in", self.kl_coef > 0, kl_off, "algo.kl_coef > 0"),
+            ("max_dropped_per_step", self.dynamic_sampling, sampling_off, "algo.dynamic_sampling=true"),
+        ]
+        for field, on, off_setting, on_setting in switches:
+            for key, value in [] if on else self._moved(field):
+                problems[key] = (f"algo.{key}={value} has no effect with {off_setting} (it is used only with "
+                                 f"{on_setting}); remove it or set {on_setting}")
+        if problems:
+            raise ValueError("; ".join(problems.values()))
+        return self
+
+    def _moved(self, field: str) -> list[tuple[str, str]]:
+        """(dotted key under algo, value as written in a config) of each setting of ``field`` away from its default;
+        a sub-section gives one entry per moved field."""
+        value, default = getattr(self, field), type(self).model_fields[field].get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            pairs = [(f"{field}.{k}", getattr(value, k), getattr(default, k)) for k in type(value).model_fields]
+        else:
+            pairs = [(field, value, default)]
+        return [(key, "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+                for key, v, d in pairs if v != d]
+
 
 class RewardLatencyConfig(Section):
     median: float = Field(0.0, ge=0.0)
@@ -234,14 +336,24 @@ class RoleConfig(Section):
     """Workers of this role (the trainer has exactly one)."""
     num_cpus: float = Field(1.0, ge=0.0)
     """CPUs Ray reserves for each worker (scheduling only; 0 for workers that mostly wait)."""
-    torch_threads: int = Field(1, ge=1)
-    """torch.set_num_threads in each worker's process; the threads of roles that run at once should not exceed
-    the cores."""
+    torch_threads: int | None = Field(None, ge=1)
+    """torch.set_num_threads in each worker's process. null: every core while stages take turns (η = 0), an even
+    share of the cores between rollout and trainer while they overlap (η > 0); the threads of roles that run at
+    once should not exceed the cores."""
+
+
+class RolloutRoleConfig(RoleConfig):
+    concurrency: int = Field(64, ge=1)
+    """Calls in flight per rollout worker: their episodes run at once and the engine batches their requests."""
+    groups_per_call: int = Field(1, ge=1)
+    """Groups per rollout call. 1: each group enters the store as soon as its episodes finish."""
 
 
 class RewardRoleConfig(RoleConfig):
     num_cpus: float = Field(0.0, ge=0.0)
     """CPUs Ray reserves for each reward worker (0: rule-based rewards and sandboxes mostly wait)."""
+    torch_threads: int | None = Field(1, ge=1)
+    """torch.set_num_threads in each reward worker's process."""
     concurrency: int = Field(64, ge=1)
     """Samples each reward worker scores at once (threads): slow rewards, e.g. running code, overlap."""
     groups_per_call: int = Field(8, ge=1)
@@ -260,24 +372,28 @@ class RuntimeConfig(Section):
     placement: Literal["separate", "colocated"] = "separate"
     """'separate': each worker reserves its own role's CPUs; 'colocated': rollout and trainer workers share one pool
     (one node, the larger role's CPUs) and take turns on it."""
-    staleness: int = Field(1, ge=0)
-    """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous)."""
+    staleness: int | Literal["auto"] = "auto"
+    """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous). 'auto': start
+    synchronous, measure generation, scoring and training over the first runtime.auto_steps steps, then keep η = 0
+    or move to the η the measured costs and cores favour (logged with its reason; see docs/architecture.md)."""
+    auto_steps: int = Field(3, ge=1)
+    """Steps measured before staleness=auto settles η."""
     torch_threads: int = Field(2, ge=1)
     """torch.set_num_threads for the driver process (and, with the inline backend, every worker)."""
-    rollout: RoleConfig = Field(default_factory=RoleConfig)
-    """Rollout workers: generate calls go to whichever is idle."""
+    rollout: RolloutRoleConfig = Field(default_factory=RolloutRoleConfig)
+    """Rollout workers: each group's episodes go to the least loaded."""
     reward: RewardRoleConfig = Field(default_factory=RewardRoleConfig)
     """Reward workers: each group's scoring goes to the least loaded."""
     trainer: RoleConfig = Field(default_factory=RoleConfig)
     """The trainer (one worker); with a critic (algo.advantage=gae) the critic trains in the same worker."""
-    reference: RoleConfig = Field(default_factory=lambda: RoleConfig(num_cpus=0.0))
+    reference: RoleConfig = Field(default_factory=lambda: RoleConfig(num_cpus=0.0, torch_threads=1))
     """Reference workers (only when algo.kl_coef > 0): score each generated group with the frozen reference policy,
     side by side with the reward workers."""
     generate_batch: int = Field(256, ge=1)
-    """Most samples per generate call, rounded down to whole groups (at least one): smaller calls start rewards
-    and weight pick-ups sooner, larger ones batch the engine better."""
+    """Most requests in one engine batch (the rest wait for the next): smaller batches pick up new weights and start
+    rewards sooner, larger ones use the engine better."""
     max_generate_batch: int = Field(512, ge=1)
-    """Most sequences one engine forward pass holds."""
+    """Most sequences one engine forward pass holds (an engine batch larger than this is cut)."""
     max_retries: int = Field(2, ge=0)
     """Retries of a sample hit by an infrastructure fault (a worker died, a sandbox failed) before it is masked."""
     trace: bool = True
@@ -310,8 +426,8 @@ class Config(Section):
 
     @property
     def samples_per_step(self) -> int:
-        """P × n: samples the trainer consumes per RL step."""
-        return self.rollout.prompts_per_step * self.rollout.samples_per_prompt
+        """G × n: samples the trainer consumes per RL step."""
+        return self.rollout.groups_per_step * self.rollout.group_size
 
     @model_validator(mode="after")
     def _overlong(self) -> Config:
@@ -325,6 +441,6 @@ class Config(Section):
         if self.train.minibatches_per_step > self.samples_per_step:
             raise ValueError(
                 f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds samples per step "
-                f"({self.samples_per_step} = rollout.prompts_per_step × rollout.samples_per_prompt)"
+                f"({self.samples_per_step} = rollout.groups_per_step × rollout.group_size)"
             )
         return self

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from rollflow.api import Generation, SamplingParams, VersionedWeights
-from rollflow.engines.models import load_versioned
+from rollflow.engines.models import VersionedEngine
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -25,21 +25,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-class HFInferenceEngine:
+class HFInferenceEngine(VersionedEngine):
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_batch: int = 512, seed: int = 0) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.generator = torch.Generator().manual_seed(seed)
         self._version = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def load_weights(self, weights: VersionedWeights) -> None:
-        load_versioned(self.model, weights, self._version)
-        self._version = weights.version
 
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Generation]:
         out: list[Generation] = []

@@ -88,3 +88,19 @@ def load_versioned(model: torch.nn.Module, weights: VersionedWeights, current_ve
         raise RuntimeError(f"weights of version {weights.version} do not fit this model (missing, extra or reshaped: "
                            f"{', '.join(misfit[:5])}{' …' if len(misfit) > 5 else ''}); keeping version {current_version}")
     model.load_state_dict(weights.tensors)
+
+
+class VersionedEngine:
+    """The weight-version half of every engine that only receives weights (rollout, reference, simulator policy):
+    it holds one version of ``self.model`` at a time and changes it only through verified ``VersionedWeights``."""
+
+    model: torch.nn.Module
+    _version: int
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def load_weights(self, weights: VersionedWeights) -> None:
+        load_versioned(self.model, weights, self._version)
+        self._version = weights.version

@@ -11,8 +11,8 @@ from transformers import PreTrainedModel
 
 from collections.abc import Callable
 
-from rollflow.api import LossFn, LossOutput, TrainBatch, VersionedWeights
-from rollflow.engines.models import load_versioned
+from rollflow.api import LossFn, LossOutput, StepBatch, TrainBatch, VersionedWeights
+from rollflow.engines.models import VersionedEngine
 
 
 def token_logprobs(model: PreTrainedModel, batch: TrainBatch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,8 +31,8 @@ def minibatch_updates(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     grad_clip: float,
-    batch: TrainBatch,
-    loss: Callable[[TrainBatch], LossOutput],
+    batch: TrainBatch | StepBatch,
+    loss: Callable[[TrainBatch], LossOutput] | Callable[[StepBatch], LossOutput],
     minibatches: int,
     epochs: int,
     generator: torch.Generator,
@@ -112,21 +112,13 @@ class TorchTrainEngine:
         return VersionedWeights.pack(self._version, self.model.state_dict())
 
 
-class TorchScorer:
+class TorchScorer(VersionedEngine):
     """A frozen policy that only scores tokens: the reference model of a KL term (``api.ScoringEngine``)."""
 
     def __init__(self, model: PreTrainedModel, temperature: float = 1.0) -> None:
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
         self._version = -1  # no published weights loaded yet
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def load_weights(self, weights: VersionedWeights) -> None:
-        load_versioned(self.model, weights, self._version)
-        self._version = weights.version
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:

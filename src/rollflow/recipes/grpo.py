@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,24 +26,35 @@ import transformers
 from rollflow.algos import (
     ADVANTAGES, CORRECTIONS, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, signal_share, value_loss_fn,
 )
-from rollflow.api import COLUMNS, REFERENCE, Problem, RewardFn, RewardResult, SamplingParams, Status, Task
+from rollflow.algos.batch import collate
+from rollflow.algos.policy_step import Algorithm, TextPolicyStep
+from rollflow.api import (
+    Column, Problem, RewardFn, RewardResult, SampleRow, SamplingParams, Status, Task, TrajectoryCell,
+)
 from rollflow.config import Config, dump_config
 from rollflow.config.schema import RuntimeConfig
+from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, load_pretrained, save_pretrained, tiny_model
-from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.torch_train import TorchScorer, TorchTrainEngine
 from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
-from rollflow.runtime.controller import Controller
+from rollflow.runtime.controller import Controller, StepResult
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import Algorithm, ReferenceWorker, RewardWorker, RolloutWorker, TrainerWorker
-from rollflow.runtime.staleness import StalenessBudget
+from rollflow.runtime.roles import ReferenceWorker, RewardWorker, TrainerWorker
+from rollflow.runtime.rollout import Limits, RolloutWorker
+from rollflow.runtime.stage import Stage
+from rollflow.runtime.staleness import StageTimes, StalenessBudget, choose_staleness
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
 from rollflow.runtime.tracking import Tracker
 from rollflow.tasks import build_task
 from rollflow.tasks.latency import with_reward_latency
 from rollflow.tasks.reward_fn import call_reward_fn, check_reward
+from rollflow.workflows import SingleTurn, Tokens
+
+# The store's columns: the problem (admission) → its trajectory → its reward and, with a KL term, the reference
+# policy's log-probs (side by side).
+TASK, TRAJECTORY, REWARD, REFERENCE = "task", "trajectory", "reward", "reference"
 
 
 @dataclass
@@ -50,20 +62,6 @@ class RunResult:
     run_dir: Path
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-class Tokens:
-    """Text ↔ token ids the way every stage of a run needs them: prompts start with BOS, targets end with EOS."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-    def prompt(self, text: str) -> list[int]:
-        return self.bos + self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def target(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
 
 
 def with_reward_fn(task: Task, fn: RewardFn) -> Task:
@@ -80,8 +78,8 @@ def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: i
     the full reward (≥ 1)."""
     problems = task.eval_problems()
     params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens)
-    gens = rollout.generate([(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)], params)
-    return sum(task.verify(problems[g.uid], g.cell.response_text).reward >= 1.0 for g in gens) / len(problems)
+    answers = rollout.generate([(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)], params)
+    return sum(task.verify(problems[i], g.response_text).reward >= 1.0 for i, g in answers) / len(problems)
 
 
 def build_model(config: Config, task: Task) -> tuple[Any, Any]:
@@ -101,20 +99,49 @@ def make_backend(runtime: RuntimeConfig) -> Backend:
     return RayBackend(runtime.address, runtime.num_cpus)
 
 
+def cores(runtime: RuntimeConfig) -> int:
+    return runtime.num_cpus or os.cpu_count() or 1
+
+
+def role_threads(runtime: RuntimeConfig, eta: int) -> tuple[int, int]:
+    """torch threads of (rollout, trainer) at staleness ``eta``, unless configured: every core when the stages take
+    turns (η = 0), an even share when they overlap."""
+    n = cores(runtime)
+    rollout, trainer = (n, n) if eta == 0 else (max(1, n // 2), max(1, n - n // 2))
+    return runtime.rollout.torch_threads or rollout, runtime.trainer.torch_threads or trainer
+
+
+def first_staleness(runtime: RuntimeConfig) -> int:
+    """η at the start of RL: as configured, or 0 while ``auto`` measures."""
+    return 0 if runtime.staleness == "auto" else runtime.staleness
+
+
 # Worker factories: run where the worker lives (an actor's process on Ray), so each engine is built there.
-def _rollout_worker(model: Any, tokenizer: Any, config: Config, index: int, transport: Any, payloads: Payloads) -> RolloutWorker:
-    r = config.rollout
-    engine = HFInferenceEngine(model, tokenizer, config.runtime.max_generate_batch, config.seed + index)
-    return RolloutWorker(engine, transport, SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens), payloads)
+def _rollout_worker(model: Any, tokenizer: Any, config: Config, index: int, transport: Any, payloads: Payloads, threads: int) -> RolloutWorker:
+    r, rt = config.rollout, config.runtime
+    engine = HFInferenceEngine(model, tokenizer, rt.max_generate_batch, config.seed + index)
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+    limits = Limits(episode=r.episode_timeout, engine=r.engine_timeout, env=r.env_timeout)
+    return RolloutWorker(engine, transport, SingleTurn(Tokens(tokenizer), params), params, payloads, limits,
+                         threads=threads, max_batch=rt.generate_batch)
+
+
+def score_text(verify: Callable[[Problem, str], RewardResult], problem: Problem, cell: TrajectoryCell) -> RewardResult:
+    """The reward of a text trajectory: the environment's, if it gave one, else the verifier's on its text. A timed-out
+    episode keeps the verifier's reward of what it wrote, classified ``timeout``; an infrastructure fault is not scored."""
+    if cell.status is Status.INFRA_ERROR:
+        return RewardResult(0.0, status=Status.INFRA_ERROR)
+    result = cell.reward if cell.reward is not None else verify(problem, cell.text)
+    return RewardResult(result.reward, result.breakdown, cell.status) if cell.status is not Status.OK else result
 
 
 def _reward_worker(task: Task, concurrency: int) -> RewardWorker:
-    return RewardWorker(task.verify, concurrency)
+    return RewardWorker(functools.partial(score_text, task.verify), concurrency)
 
 
-def has_signal(results: list[RewardResult]) -> bool:
+def has_signal(rows: list[SampleRow]) -> bool:
     """Dynamic sampling's filter: keep a group only if its usable rewards are not all equal (else every advantage is 0)."""
-    rewards = {r.reward for r in results if r.status is not Status.INFRA_ERROR}
+    rewards = {r[REWARD].result.reward for r in rows if r.status is not Status.INFRA_ERROR}
     return len(rewards) > 1
 
 
@@ -142,7 +169,8 @@ def build_algorithm(config: Config) -> Algorithm:
 
 
 def _accepted(fn: Callable[..., Any], **params: Any) -> dict[str, Any]:
-    """The ``params`` that ``fn`` takes, leaving out unset ones: each registered part gets the config fields it uses."""
+    """The ``params`` that ``fn`` takes, leaving out unset ones: each registered part gets the config fields it uses
+    (``AlgoConfig`` has already refused a field set away from its default that the chosen part does not use)."""
     names = inspect.signature(fn).parameters
     return {k: v for k, v in params.items() if k in names and v is not None}
 
@@ -159,8 +187,8 @@ def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, pay
     critic = None
     if algorithm.needs_critic:  # the critic starts from the policy's weights (after SFT, when the recipe asks)
         critic = TorchCriticEngine(ValueModel(copy.deepcopy(model)), lr=config.algo.critic.lr, grad_clip=t.grad_clip, seed=config.seed)
-    return TrainerWorker(engine, transport, pad_id, algorithm, minibatches=t.minibatches_per_step, epochs=t.epochs_per_step,
-                         payloads=payloads, critic=critic, whole_groups=t.whole_groups)
+    step = TextPolicyStep(algorithm, pad_id, t.minibatches_per_step, t.epochs_per_step, t.whole_groups)
+    return TrainerWorker(engine, transport, step, payloads, critic)
 
 
 def _reference_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> ReferenceWorker:
@@ -211,41 +239,126 @@ def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, toke
     the weights and only ever change them by version."""
     rt = config.runtime
     transport, payloads = backend.weight_transport(), backend.payloads
+    rollout_threads, trainer_threads = role_threads(rt, first_staleness(rt))
     pool = None
     if rt.placement == "colocated":
         pool = "actor"
         backend.make_pool(pool, max(rt.rollout.num_cpus, rt.trainer.num_cpus), rt.rollout.workers + 1)
     rollout = WorkerGroup.spawn(backend, "rollout", RolloutWorker, [
-        functools.partial(_rollout_worker, copy.deepcopy(model), tokenizer, config, i, transport, payloads)
+        functools.partial(_rollout_worker, copy.deepcopy(model), tokenizer, config, i, transport, payloads, rollout_threads)
         for i in range(rt.rollout.workers)
-    ], Resources(rt.rollout.num_cpus, rt.rollout.torch_threads, pool=pool))
+    ], Resources(rt.rollout.num_cpus, 1, concurrency=rt.rollout.concurrency + 2, pool=pool))  # + eval, weights
     reward = WorkerGroup.spawn(backend, "reward", RewardWorker, [
         functools.partial(_reward_worker, task, rt.reward.concurrency) for _ in range(rt.reward.workers)
-    ], Resources(rt.reward.num_cpus, rt.reward.torch_threads, concurrency=rt.reward.concurrency, restartable=True))
+    ], Resources(rt.reward.num_cpus, rt.reward.torch_threads or 1, concurrency=rt.reward.concurrency, restartable=True))
     trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
         functools.partial(_trainer_worker, model, tokenizer.pad_token_id, config, transport, payloads)
-    ], Resources(rt.trainer.num_cpus, rt.trainer.torch_threads, pool=pool))
+    ], Resources(rt.trainer.num_cpus, trainer_threads, pool=pool))
     reference = None
     if config.algo.kl_coef > 0:
         reference = WorkerGroup.spawn(backend, "reference", ReferenceWorker, [
             functools.partial(_reference_worker, copy.deepcopy(model), tokenizer.pad_token_id, config, transport, payloads)
             for _ in range(rt.reference.workers)
-        ], Resources(rt.reference.num_cpus, rt.reference.torch_threads))
+        ], Resources(rt.reference.num_cpus, rt.reference.torch_threads or 1))
     # One wait for all groups, so that their workers are built at the same time; a factory that failed stops the run
     # here with its own error rather than at the first call.
     backend.wait_started([w for g in (rollout, reward, trainer, reference) if g is not None for w in g.workers])
     return Workers(rollout, reward, trainer, reference)
 
 
-def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker) -> None:
+def build_pipeline(config: Config, workers: Workers, task: Task, version: int, tracer: Tracer) -> Controller:
+    """GRPO's store and stage table: each problem's group is rolled out, then scored and (with a KL term) scored by
+    the reference policy side by side; the trainer takes complete groups."""
+    r, rt, reference = config.rollout, config.runtime, workers.reference
+    columns = [Column(TASK), Column(TRAJECTORY, (TASK,), versioned=True), Column(REWARD, (TRAJECTORY,))]
+    stages = [
+        Stage(TRAJECTORY, workers.rollout, "rollout", lambda uid, cells: (uid, cells[TASK]),
+              groups_per_call=rt.rollout.groups_per_call, calls_per_worker=rt.rollout.concurrency),
+        Stage(REWARD, workers.reward, "score", lambda uid, cells: (uid, cells[TASK], cells[TRAJECTORY]),
+              groups_per_call=rt.reward.groups_per_call, calls_per_worker=rt.reward.concurrency),
+    ]
+    if reference is not None:
+        columns.append(Column(REFERENCE, (TRAJECTORY,)))
+        stages.append(Stage(REFERENCE, reference, "score", lambda uid, cells: (uid, cells[TRAJECTORY]),
+                            groups_per_call=rt.reward.groups_per_call, calls_per_worker=2))
+    return Controller(
+        SampleStore(columns), StalenessBudget(first_staleness(rt), config.samples_per_step), stages, workers.trainer,
+        task.train_problems(config.seed), group_size=r.group_size, groups_per_step=r.groups_per_step,
+        version=version, max_retries=rt.max_retries, tracer=tracer,
+        keep_group=has_signal if config.algo.dynamic_sampling else None, max_dropped=config.algo.max_dropped_per_step,
+    )
+
+
+class AutoStaleness:
+    """``runtime.staleness=auto``: the run starts synchronous; after ``auto_steps`` steps the measured stage times
+    choose η (``runtime.staleness.choose_staleness``), and the workers' threads follow it."""
+
+    def __init__(self, config: Config, controller: Controller, workers: Workers) -> None:
+        rt = config.runtime
+        self.active = rt.staleness == "auto"
+        self.runtime, self.controller, self.workers = rt, controller, workers
+        self.samples: list[StageTimes] = []
+        self.chosen: int | None = None if self.active else int(rt.staleness)
+        self.reason = "configured" if not self.active else ""
+
+    def observe(self, result: StepResult, step_seconds: float) -> str | None:
+        """Record a step; returns the decision's one-line log when it is taken."""
+        if self.chosen is not None:
+            return None
+        m = result.metrics
+        produce = m.get(f"time/{TRAJECTORY}", 0.0)
+        self.samples.append(StageTimes(produce, result.train.finished - result.train.started, step_seconds))
+        if len(self.samples) < self.runtime.auto_steps:
+            return None
+        if self.runtime.backend == "inline":
+            self.chosen, self.reason = 0, "the inline backend runs one call at a time, so stages cannot overlap"
+        else:
+            n = cores(self.runtime)
+            split = n / max(1, n // 2)  # how much slower a CPU-bound stage may run on its share of the cores
+            self.chosen, self.reason = choose_staleness(self.samples, split)
+        if self.chosen > 0:
+            rollout_threads, trainer_threads = role_threads(self.runtime, self.chosen)
+            self.workers.rollout.set_threads(rollout_threads)
+            self.workers.trainer.set_threads(trainer_threads)
+            self.controller.set_staleness(self.chosen)
+        return f"runtime.staleness=auto: η={self.chosen} ({self.reason})"
+
+
+def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int) -> None:
     """Supervised warm start on reference solutions, lr decayed linearly to zero."""
     stream = task.train_problems(config.seed + 1)
     for step in range(config.sft.steps):
         trainer.set_lr(config.sft.lr * (1 - step / config.sft.steps))
         problems: list[Problem] = [next(stream) for _ in range(config.sft.batch_size)]
-        m = trainer.sft([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], sft_loss)
+        batch = collate([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], pad_id)
+        m = trainer.sft(batch, sft_loss)
         if (step + 1) % 50 == 0 or step == config.sft.steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
             tracker.log_step(step + 1 - config.sft.steps, {"sft/loss": m["loss"]}, advance=(step % 50) + 1)
+
+
+def step_record(result: StepResult, elapsed: float) -> dict[str, Any]:
+    """The metrics line of one RL step: the samples' rewards and lengths, the trainer's and the pipeline's metrics."""
+    rows = [row for g in result.groups for row in g]
+    rewards = torch.tensor([row[REWARD].result.reward for row in rows])
+    n_tokens = sum(row[TRAJECTORY].size for row in rows)
+    metrics = dict(result.train.metrics)
+    breakdown = rows[0][REWARD].result.breakdown
+    return {
+        "reward/mean": rewards.mean().item(),
+        "reward/std": rewards.std().item(),
+        **{f"reward/{k}": sum(row[REWARD].result.breakdown.get(k, 0.0) for row in rows) / len(rows) for k in breakdown},
+        "status/not_ok": sum(row.status is not Status.OK for row in rows) / len(rows),
+        "train/loss": metrics.pop("loss"),
+        **{f"train/{k}": v for k, v in metrics.items() if "/" not in k},
+        **{k: v for k, v in metrics.items() if "/" in k},
+        **result.metrics,
+        "response/length": n_tokens / len(rows),
+        "throughput/samples_per_s": len(rows) / elapsed,
+        "throughput/tokens_per_s": n_tokens / elapsed,
+        "time/train": result.train.finished - result.train.started,
+        "time/step": elapsed,
+        "version": result.train.version,
+    }
 
 
 def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None = None) -> RunResult:
@@ -267,14 +380,13 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     train_task = with_reward_latency(task, lat.median, lat.sigma, lat.max, config.seed) if lat.median > 0 else task
     model, tokenizer = build_model(config, task)
     tokens = Tokens(tokenizer)
-    r, t, rt = config.rollout, config.train, config.runtime
-    rl_threads = rt.torch_threads if rt.backend == "inline" else rt.trainer.torch_threads
+    t, rt = config.train, config.runtime
     tracer = Tracer(enabled=rt.trace)
 
     backend = make_backend(rt)
     try:
         workers = spawn_workers(backend, config, train_task, model, tokenizer)
-        rollout, reward, trainer = workers.rollout, workers.reward, workers.trainer
+        rollout, trainer = workers.rollout, workers.trainer
 
         def publish_and_eval() -> float:
             trainer.publish()
@@ -290,60 +402,37 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             if config.sft.steps:
                 trainer.set_threads(config.sft.torch_threads)
                 sft_start = time.perf_counter()
-                run_sft(trainer, task, tokens, config, tracker)
+                run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id)
                 sft_seconds = time.perf_counter() - sft_start
                 acc_sft = publish_and_eval()
                 tracker.log_eval(0, acc_sft, "after SFT")
                 best.offer(0, acc_sft, rollout)
-            trainer.set_threads(rl_threads)
+            if rt.backend != "inline":  # inline workers share the driver's threads
+                trainer.set_threads(role_threads(rt, first_staleness(rt))[1])
             trainer.set_lr(t.lr)
             trainer.init_critic()
             if workers.reference is not None:
                 workers.reference.freeze()  # the reference is the policy RL starts from (published just above)
 
-            store = SampleStore(COLUMNS + ((REFERENCE,) if workers.reference is not None else ()))
-            budget = StalenessBudget(rt.staleness, config.samples_per_step)
-            controller = Controller(
-                store, budget, rollout, reward, trainer, task.train_problems(config.seed), tokens.prompt,
-                group_size=r.samples_per_prompt, groups_per_step=r.prompts_per_step, generate_batch=rt.generate_batch,
-                reward_groups=rt.reward.groups_per_call,
-                version=trainer.version(), max_retries=rt.max_retries, tracer=tracer, reference=workers.reference,
-                keep_group=has_signal if config.algo.dynamic_sampling else None,
-                max_dropped=config.algo.max_dropped_per_step,
-            )
+            controller = build_pipeline(config, workers, train_task, trainer.version(), tracer)
+            auto = AutoStaleness(config, controller, workers)
             acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
             for result in controller.run(t.steps):
                 step, rows = result.step, [row for g in result.groups for row in g]
                 now = time.perf_counter()
                 elapsed, last = now - last, now
-                rewards = torch.tensor([row.reward.result.reward for row in rows])
-                n_tokens = sum(row.generation.num_tokens for row in rows)
-                metrics = dict(result.train.metrics)
-                record: dict[str, Any] = {
-                    "reward/mean": rewards.mean().item(),
-                    "reward/std": rewards.std().item(),
-                    **{f"reward/{k}": sum(row.reward.result.breakdown.get(k, 0.0) for row in rows) / len(rows)
-                       for k in rows[0].reward.result.breakdown},
-                    "train/loss": metrics.pop("loss"),
-                    **{f"train/{k}": v for k, v in metrics.items() if "/" not in k},
-                    **{k: v for k, v in metrics.items() if "/" in k},
-                    **result.metrics,
-                    "response/length": n_tokens / len(rows),
-                    "throughput/samples_per_s": len(rows) / elapsed,
-                    "throughput/tokens_per_s": n_tokens / elapsed,
-                    "time/train": result.train.finished - result.train.started,
-                    "time/step": elapsed,
-                    "version": result.train.version,
-                }
+                record = step_record(result, elapsed)
+                if (note := auto.observe(result, elapsed)) is not None:
+                    tracker.note(note)
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
                     record["eval/accuracy"] = acc
                     best.offer(step, acc, rollout)
                 tracker.log_step(step, record)
                 tracker.log_rollouts([{
-                    "uid": row.uid, "step": step, "group": row.group_id, "version": row.generation.version,
-                    "prompt": row.prompt.problem.prompt, "response": row.generation.response_text,
-                    "reward": row.reward.result.reward, "breakdown": row.reward.result.breakdown, "status": row.status.value,
+                    "uid": row.uid, "step": step, "group": row.group_id, "version": row[TRAJECTORY].version,
+                    "prompt": row[TASK].prompt, "response": row[TRAJECTORY].text,
+                    "reward": row[REWARD].result.reward, "breakdown": row[REWARD].result.breakdown, "status": row.status.value,
                 } for row in rows])
                 history.append({"step": step, **record})
             rl_seconds = time.perf_counter() - rl_start
@@ -362,12 +451,15 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "samples": t.steps * config.samples_per_step,
                 "backend": rt.backend,
                 "staleness": rt.staleness,
+                "staleness_chosen": auto.chosen,  # the η the run trained at (auto: after its first auto_steps steps)
+                "staleness_reason": auto.reason,
                 "wall_seconds": time.perf_counter() - t_start,
                 "sft_seconds": sft_seconds,  # the SFT steps alone, without evaluations
                 "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
                 "samples_per_second": t.steps * config.samples_per_step / pipeline["pipeline_seconds"] if t.steps else 0.0,
                 "infra_retries": controller.infra_retries,
                 "dropped_groups": controller.dropped_groups,
+                "rejected_groups": controller.rejected_groups,
                 **pipeline,
             }
             if rt.trace:

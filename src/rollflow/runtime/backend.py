@@ -1,15 +1,23 @@
 """Backends run workers and calls on them. A call returns a handle at once; ``wait`` blocks until some handles are
 done and ``result`` gives a done call's value (or raises its error). The controller is written only against this.
 
-``InlineBackend`` keeps every worker in this process and runs each call when it is submitted, so a run is
-deterministic and debuggable; ``RayBackend`` (``runtime.ray_backend``) runs each worker as a Ray actor.
+A worker method may be ``async`` (a rollout worker's, which runs many episodes at once): every backend runs it on an
+event loop of the worker's process, and a plain method as it is.
+
+``InlineBackend`` keeps every worker in this process. A plain call runs when it is submitted; an async call becomes a
+task on the backend's one event loop, which runs only inside ``wait``, until the first pending call finishes. Calls
+are handed back in submission order among those done, so a run without wall-clock waits is deterministic.
+``RayBackend`` (``runtime.ray_backend``) runs each worker as a Ray actor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import sys
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,7 +58,7 @@ class Resources:
 
     num_cpus: float = 1.0
     torch_threads: int = 1
-    concurrency: int = 1  # calls the worker may run at once (threads); >1 only for workers that mostly wait
+    concurrency: int = 1  # calls the worker may run at once; >1 for workers that mostly wait or run many episodes
     pool: str | None = None  # workers naming the same pool share its CPUs (colocated placement)
     restartable: bool = False  # a crashed worker is rebuilt by its factory (stateless roles only)
 
@@ -101,7 +109,7 @@ class Backend(Protocol):
 
 
 class _Done:
-    """An inline call: already run; holds its value or its error."""
+    """A plain inline call: already run; holds its value or its error."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self.value: Any = None
@@ -111,12 +119,35 @@ class _Done:
         except Exception as e:  # handed to whoever asks for the result, as a remote error would be
             self.error = e
 
+    def done(self) -> bool:
+        return True
+
+
+class _Task:
+    """An async inline call: a task on the backend's loop."""
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+
+    def done(self) -> bool:
+        return self.task.done()
+
 
 class InlineBackend:
     name = "inline"
 
     def __init__(self) -> None:
         self.payloads = LocalPayloads()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop async calls run on, made at the first one (closed by ``shutdown``, or when the backend is
+        garbage collected)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            weakref.finalize(self, _close, self._loop)
+        return self._loop
 
     def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
         try:
@@ -130,13 +161,25 @@ class InlineBackend:
     def make_pool(self, name: str, num_cpus: float, members: int) -> None:
         pass  # one process: every worker already shares everything
 
-    def submit(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Done:
-        return _Done(lambda: getattr(worker, method)(*args, **kwargs))
+    def submit(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Done | _Task:
+        fn = getattr(worker, method)
+        if inspect.iscoroutinefunction(fn):
+            return _Task(self.loop.create_task(fn(*args, **kwargs)))
+        return _Done(lambda: fn(*args, **kwargs))
 
     def wait(self, calls: list[Any], timeout: float | None = None) -> list[Any]:
-        return calls[:1]  # every inline call is done; hand them back in submission order
+        """The first done call (in submission order); runs the loop until one is, or ``timeout`` passes."""
+        if not any(c.done() for c in calls):
+            tasks = [c.task for c in calls if isinstance(c, _Task)]
+            if tasks:
+                self.loop.run_until_complete(asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED))
+        return [c for c in calls if c.done()][:1]
 
-    def result(self, call: _Done) -> Any:
+    def result(self, call: _Done | _Task) -> Any:
+        if isinstance(call, _Task):
+            if not call.task.done():
+                self.loop.run_until_complete(asyncio.wait([call.task]))
+            return call.task.result()
         if call.error is not None:
             raise call.error
         return call.value
@@ -148,4 +191,17 @@ class InlineBackend:
         return InlineWeightTransport()
 
     def shutdown(self) -> None:
-        pass
+        """Cancel the async calls still running (a run stopped by an error) and close the loop."""
+        if self._loop is not None:
+            _close(self._loop)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    if loop.is_closed():
+        return
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending))
+    loop.close()

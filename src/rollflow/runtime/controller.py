@@ -1,26 +1,23 @@
-"""The single controller: streams prompts through the worker groups and the store, within the staleness budget.
+"""The single controller: streams task instances through the stage table and the store, within the staleness budget.
 
 ``Controller.run(steps)`` is the whole asynchronous pipeline in one loop. Each pass it
 
 1. admits whole groups while the staleness budget allows (``StalenessBudget``: capacity ``(v + η + 1)·B − admitted``);
-2. hands the oldest rows that need generating to every idle rollout worker, whole groups at a time, so no worker
-   idles while rows wait (load balancing by pull);
-3. hands every generated group to the least loaded reward worker (and, when the run has a frozen reference
-   policy, to the least loaded reference worker, which fills the ``reference`` column side by side with rewards);
-   a group whose rewards the ``keep_group`` filter rejects (dynamic sampling) is dropped and its room in the budget
-   given back, so admission refills the step;
-4. starts a train step as soon as the store can form a batch for the trainer's version (``try_take_groups``: every
+2. for every stage of the table (``runtime.stage``), sends the rows that have what it reads and lack its column,
+   whole groups at a time, to the least loaded worker of its group that has room for another call;
+3. starts a train step as soon as the store can form a batch for the trainer's version (``try_take_groups``: every
    group that would otherwise exceed η, plus the oldest other complete groups);
-5. waits for whichever call finishes first and records it (store columns, metrics, trace), yielding each finished
+4. waits for whichever call finishes first and records it (store columns, metrics, trace), yielding each finished
    train step to the recipe.
 
 Back-pressure is explicit: admission stops at the budget, so producers never run more than η versions ahead. With
 η = 0 the same loop is synchronous on-policy training: a batch is admitted only after the previous step is trained.
-With the inline backend every call runs as it is submitted, so a run is deterministic.
 
-An infrastructure fault (a worker lost, a reward returning ``infra_error``) sends the rows back to be produced
-again, at most ``max_retries`` times each; after that a reward fault is kept as ``infra_error`` (masked by the
-trainer) and a lost worker stops the run with the error.
+A group leaves early in two ways: a stage's value is ``api.Reject`` (its workflow declined the task instance), or
+``keep_group`` rejects the complete group (dynamic sampling, at most ``max_dropped`` per step); its room in the budget
+is given back, so admission refills the step. An infrastructure fault (a worker lost, a value whose status is
+``infra_error``) sends the row back to be produced again, at most ``max_retries`` times; after that the value is
+kept as ``infra_error`` (masked by the trainer) and a lost worker stops the run with the error.
 """
 
 from __future__ import annotations
@@ -30,12 +27,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollflow.api import GENERATION, PROMPT, REFERENCE, REWARD, Problem, PromptCell, RewardResult, SampleRow, Status
+from rollflow.api import Reject, SampleRow, Status
 from rollflow.runtime.group import WorkerGroup
-from rollflow.runtime.roles import RolloutResult, Scored, TrainResult
+from rollflow.runtime.roles import TrainResult
+from rollflow.runtime.stage import Span, Stage, StageOutput
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
+
+TRAIN = "train"
 
 
 @dataclass
@@ -43,16 +43,15 @@ class StepResult:
     step: int
     groups: list[list[SampleRow]]
     train: TrainResult
-    metrics: dict[str, float]  # the pipeline's side of the step: queues, waits, weight pick-ups, staleness budget
+    metrics: dict[str, float]  # the pipeline's side of the step: queues, waits, stage busy time, weight pick-ups
 
 
 @dataclass
 class _Call:
-    kind: str  # "generate" | "reward" | "reference" | "train"
+    stage: str  # a stage's column, or TRAIN
     worker: int
-    uids: list[int] = field(default_factory=list)
+    attempts: dict[int, int] = field(default_factory=dict)  # uid → the row's retry count when the call was sent
     groups: list[list[SampleRow]] = field(default_factory=list)  # the batch of a train call
-    inputs: dict[int, Any] = field(default_factory=dict)  # uid → the generation cell a reward/reference call works on
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:
@@ -70,68 +69,68 @@ class Controller:
         self,
         store: SampleStore,
         budget: StalenessBudget,
-        rollout: WorkerGroup,
-        reward: WorkerGroup,
+        stages: list[Stage],
         trainer: WorkerGroup,
-        problems: Iterator[Problem],
-        encode: Callable[[str], list[int]],
+        tasks: Iterator[Any],
         group_size: int,
         groups_per_step: int,
-        generate_batch: int,
-        reward_groups: int = 1,
         version: int = 0,
         max_retries: int = 2,
         tracer: Tracer | None = None,
-        reference: WorkerGroup | None = None,
-        keep_group: Callable[[list[RewardResult]], bool] | None = None,
+        keep_group: Callable[[list[SampleRow]], bool] | None = None,
         max_dropped: int = 0,
     ) -> None:
-        self.store, self.budget = store, budget
-        self.rollout, self.reward, self.trainer, self.reference = rollout, reward, trainer, reference
-        if (reference is not None) != (REFERENCE in store.columns):
-            raise ValueError("a reference worker group and the store's 'reference' column go together")
-        self.keep_group = keep_group  # dynamic sampling: False drops a scored group before it is trained
-        self.max_dropped = max_dropped  # most groups dropped per step; past it, groups are kept (a stream of
-        # all-equal groups, e.g. a solved task, must not stall the run)
-        self.backend = rollout.backend
-        self.problems, self.encode = problems, encode
+        if budget.batch_size != group_size * groups_per_step:
+            raise ValueError(f"the staleness budget counts {budget.batch_size} samples per step but a step takes "
+                             f"{groups_per_step} groups of {group_size}")
+        declared = [c for c in store.columns if c != store.admission]
+        if sorted(s.column for s in stages) != sorted(declared):
+            raise ValueError(f"every column but the admission column needs exactly one stage: columns {declared}, "
+                             f"stages {[s.column for s in stages]}")
+        backends = {id(s.group.backend) for s in stages} | {id(trainer.backend)}
+        if len(backends) > 1:
+            raise ValueError("every worker group of a controller must run on the same backend")
+        self.store, self.budget, self.trainer = store, budget, trainer
+        self.stages = {s.column: s for s in stages}
+        self.backend = trainer.backend
+        self.tasks = tasks
         self.group_size, self.groups_per_step = group_size, groups_per_step
-        self.generate_groups = max(1, generate_batch // group_size)
-        self.reward_groups = reward_groups  # groups per reward call
         self.version0 = self.version = version  # trainer version when RL starts / now
         self.max_retries = max_retries
-        self.tracer = tracer if tracer is not None else Tracer(enabled=False)  # an empty Tracer is falsy (len 0)
+        self.tracer = tracer if tracer is not None else Tracer(enabled=False)
+        self.keep_group = keep_group  # dynamic sampling: False drops a complete group before it is trained
+        self.max_dropped = max_dropped  # most groups dropped per step; past it, groups are kept (a stream of
+        # all-equal groups, e.g. a solved task, must not stall the run)
         self.infra_retries = 0
-        self.spans: dict[str, list[tuple[float, float]]] = {"generate": [], "reward": [], "reference": [], "train": []}
         self.dropped_groups = 0
+        self.rejected_groups = 0
+        self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in [*self.stages, TRAIN]}
+        self._mark = dict.fromkeys(self.stages, 0)  # spans already counted in an earlier step's metrics
         self._dropped_this_step = 0
         self._next_group = 0
         self._retries: dict[int, int] = {}  # uid → infra retries so far
         self._calls: dict[Any, _Call] = {}
-        # rows each stage is working on right now (reward and reference work on the same rows side by side)
-        self._claimed: dict[str, set[int]] = {"generate": set(), "reward": set(), "reference": set(), "train": set()}
-        self._rollout_busy: set[int] = set()
-        # samples each reward / reference worker is scoring now: calls go to the least loaded
-        self._load = {"reward": [0] * len(reward), "reference": [0] * (len(reference) if reference is not None else 0)}
-        self._reward_lanes: list[list[float]] = [[] for _ in range(len(reward))]  # trace lanes: end time of each
+        self._claimed: dict[str, set[int]] = {name: set() for name in self.stages}  # rows each stage works on now
+        self._load = {name: [[0, 0] for _ in range(len(s.group))] for name, s in self.stages.items()}  # [calls, rows]
+        self._rejected: set[int] = set()  # groups a workflow rejected, dropped once no stage works on them
+        self._lanes: dict[str, list[float]] = {}  # trace track → end time of each lane
         self._training = False
         self._pickups: list[tuple[float, float]] = []  # (pick-up delay, load seconds) since the last step
-        self._mark = {"generate": 0, "reward": 0, "reference": 0}  # spans already counted in an earlier step's metrics
+
+    def set_staleness(self, eta: int) -> None:
+        """Change η from now on (groups admitted earlier keep theirs)."""
+        self.budget.set_eta(eta)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, steps: int) -> Iterator[StepResult]:
         """Train ``steps`` RL steps, yielding each as it finishes; admits exactly ``steps`` batches of samples."""
-        total = steps * self.budget.batch_size
-        trained, self.started = 0, time.time()
+        total, trained = steps * self.budget.batch_size, 0
+        self.started = time.time()
         last_step_end = self.started
         while trained < steps:
             self._admit(total)
-            self._dispatch_generation()
-            self._dispatch_scoring("reward", self.reward, REWARD,
-                                   lambda u, cell: (u, self.store.get(u, PROMPT).problem, cell.response_text))
-            if self.reference is not None:
-                self._dispatch_scoring("reference", self.reference, REFERENCE,
-                                       lambda u, cell: (u, self.store.get(u, PROMPT).prompt_ids, cell.payload))
+            for stage in self.stages.values():
+                self._dispatch(stage)
             if not self._training:
                 self._maybe_train(last_step_end)
             if not self._calls:
@@ -139,153 +138,116 @@ class Controller:
                                    f"formed ({self.store.counts()}); this is a bug in admission or the store")
             for call in self.backend.wait(list(self._calls)):
                 info = self._calls.pop(call)
-                if info.kind == "generate":
-                    self._on_generated(call, info)
-                elif info.kind == "reward":
-                    self._on_scored(call, info)
-                elif info.kind == "reference":
-                    self._on_referenced(call, info)
-                else:
-                    result: TrainResult = self.backend.result(call)
-                    self._training = False
-                    self._dropped_this_step = 0
-                    trained += 1
-                    self.version = result.version
-                    self.spans["train"].append((result.started, result.finished))
-                    if trained == steps:
-                        self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
-                    self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
-                    self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
-                    yield self._step_result(trained, info.groups, result, last_step_end)
-                    last_step_end = result.finished
+                if info.stage != TRAIN:
+                    self._on_output(call, info)
+                    continue
+                result: TrainResult = self.backend.result(call)
+                self._training = False
+                self._dropped_this_step = 0
+                trained += 1
+                self.version = result.version
+                self.spans[TRAIN].append((result.started, result.finished))
+                if trained == steps:
+                    self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
+                self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
+                self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
+                yield self._step_result(trained, info.groups, result, last_step_end)
+                last_step_end = result.finished
 
     def _admit(self, total: int) -> None:
         rl_version = self.version - self.version0
         while self.budget.admitted < total and self.budget.admit(rl_version, self.group_size):
-            problem = next(self.problems)
-            cell = PromptCell(self._next_group, problem, self.encode(problem.prompt))
-            self.store.admit([cell] * self.group_size, version=self.version)
+            task = next(self.tasks)
+            self.store.admit(self._next_group, [task] * self.group_size, version=self.version, eta=self.budget.eta)
             self._next_group += 1
 
-    def _dispatch_generation(self) -> None:
-        idle = [i for i in range(len(self.rollout)) if i not in self._rollout_busy]
-        if not idle:
+    def _dispatch(self, stage: Stage) -> None:
+        """Send the groups waiting for ``stage`` to its least loaded workers, at most ``groups_per_call`` a call and
+        shared evenly over the free call slots, so no worker idles while groups wait."""
+        load = self._load[stage.column]
+        waiting = [u for u in self.store.pending(stage.column) if not self._busy(u)]
+        groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._rejected]
+        if not stage.whole_groups:
+            groups = [[u] for g in groups for u in g]
+        slots = sum(max(0, stage.calls_per_worker - calls) for calls, _ in load)
+        if not groups or not slots:
             return
-        groups = self._by_group([u for u in self.store.pending(GENERATION) if not self._busy(u)])
-        # Share what is waiting evenly among the idle workers, whole groups, at most generate_batch samples each.
-        per_worker = min(self.generate_groups, -(-len(groups) // len(idle))) if groups else 0
-        for i in idle:
-            part, groups = groups[:per_worker], groups[per_worker:]
-            if not part:
-                break
-            uids = [u for g in part for u in g]
-            items = [(u, self.store.get(u, PROMPT).prompt_ids) for u in uids]
-            self._submit(self.rollout, i, "rollout", _Call("generate", i, uids), items)
-            self._rollout_busy.add(i)
-
-    def _dispatch_scoring(self, kind: str, group: WorkerGroup, column: str, item: Callable[[int, Any], Any]) -> None:
-        """Send each generated group waiting for ``column`` (``reward_groups`` at a time) to the least loaded worker
-        of ``group``; ``item(uid, generation cell)`` is what the worker's ``score`` gets per row."""
-        load = self._load[kind]
-        groups = self._by_group([u for u in self.store.pending(column) if u not in self._claimed[kind]])
-        for k in range(0, len(groups), self.reward_groups):
-            uids = [u for g in groups[k : k + self.reward_groups] for u in g]
-            i = min(range(len(group)), key=load.__getitem__)
-            cells = {u: self.store.get(u, GENERATION) for u in uids}
-            self._submit(group, i, "score", _Call(kind, i, uids, inputs=cells), [item(u, cells[u]) for u in uids])
-            load[i] += len(uids)
+        per_call = min(stage.groups_per_call, -(-len(groups) // slots))
+        for k in range(0, len(groups), per_call):
+            free = [i for i in range(len(stage.group)) if load[i][0] < stage.calls_per_worker]
+            if not free:
+                return
+            i = min(free, key=lambda w: (load[w][1], load[w][0]))
+            uids = [u for g in groups[k : k + per_call] for u in g]
+            items = [stage.item(u, self.store.cells(u)) for u in uids]
+            info = _Call(stage.column, i, {u: self._retries.get(u, 0) for u in uids})
+            self._claimed[stage.column].update(uids)
+            self._calls[stage.group.submit(i, stage.method, items)] = info
+            load[i][0] += 1
+            load[i][1] += len(uids)
 
     def _maybe_train(self, idle_since: float) -> None:
-        groups = self.store.try_take_groups(self.groups_per_step, self.version, self.budget.eta)
+        groups = self.store.try_take_groups(self.groups_per_step, self.version)
         if groups is None:
             return
-        now = time.time()
-        self.tracer.span("trainer", "wait for data", idle_since, max(idle_since, now))
-        self._submit(self.trainer, 0, "train", _Call("train", 0, groups=groups), groups)
+        self.tracer.span("trainer", "wait for data", idle_since, max(idle_since, time.time()))
+        self._calls[self.trainer.submit(0, "train", groups)] = _Call(TRAIN, 0, groups=groups)
         self._training = True
 
-    def _submit(self, group: WorkerGroup, worker: int, method: str, info: _Call, *args: Any) -> None:
-        self._claimed[info.kind].update(info.uids)
-        self._calls[group.submit(worker, method, *args)] = info
-
     # -- results --------------------------------------------------------------------------------------------------
-    def _on_generated(self, call: Any, info: _Call) -> None:
-        self._rollout_busy.discard(info.worker)
-        self._claimed[info.kind].difference_update(info.uids)
+    def _on_output(self, call: Any, info: _Call) -> None:
+        stage = self.stages[info.stage]
+        load = self._load[info.stage][info.worker]
+        load[0] -= 1
+        load[1] -= len(info.attempts)
+        self._claimed[info.stage].difference_update(info.attempts)
         try:
-            result: RolloutResult = self.backend.result(call)
+            output: StageOutput = self.backend.result(call)
         except Exception as e:
-            self._lost(e, info, "rollout")
+            self._lost(e, info, stage)
             return
-        track = f"rollout/{info.worker}"
-        if result.pickup is not None:
-            p = result.pickup
-            self.tracer.span(track, "load weights", p.loaded_at - p.load_seconds, p.loaded_at, version=p.version)
-            self._pickups.append((p.loaded_at - p.published_at, p.load_seconds))
-        self.tracer.span(track, "generate", result.started, result.finished, samples=len(result.items), version=result.version)
-        self.spans["generate"].append((result.started, result.finished))
-        for g in result.items:
-            self.store.put(g.uid, GENERATION, g.cell, started=g.started, generated=g.finished)
+        self._record(stage, info.worker, output)
+        touched = set()
+        for p in output.values:
+            if p.uid not in self.store or self._retries.get(p.uid, 0) != info.attempts[p.uid]:
+                continue  # the row was retried (or dropped) while the call ran: this value is for an older attempt
+            touched.add(self.store.group_of(p.uid))
+            if isinstance(p.value, Reject):
+                self._rejected.add(self.store.group_of(p.uid))
+            elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
+                self._retry(p.uid)
+            else:
+                self.store.put(p.uid, info.stage, p.value, started=p.started, finished=p.finished)
+        for gid in touched:
+            self._settle(gid)
 
-    def _on_scored(self, call: Any, info: _Call) -> None:
-        self._load["reward"][info.worker] -= len(info.uids)
-        self._claimed[info.kind].difference_update(info.uids)
-        try:
-            scored: list[Scored] = self.backend.result(call)
-        except Exception as e:
-            self._lost(e, info, "reward")
+    def _settle(self, gid: int) -> None:
+        """Drop group ``gid`` if a workflow rejected one of its rows or, once complete, ``keep_group`` rejects it;
+        only once no stage works on any of its rows."""
+        uids = self.store.group_uids(gid)
+        if not uids or any(map(self._busy, uids)):
             return
-        start, end = min(s.started for s in scored), max(s.finished for s in scored)
-        self.tracer.span(self._reward_track(info.worker, start, end), "reward", start, end, samples=len(scored))
-        self.spans["reward"].append((start, end))
-        for s in scored:
-            if not self._still_current(s.uid, info):
-                continue
-            if s.cell.result.status is Status.INFRA_ERROR and self._retries.get(s.uid, 0) < self.max_retries:
-                self._retry(s.uid)
-                continue
-            self.store.put(s.uid, REWARD, s.cell, finished=s.finished)
-        if self.keep_group is not None:
-            for uid in {s.uid for s in scored}:
-                self._filter(uid)
+        if gid in self._rejected:
+            self._rejected.discard(gid)
+            self.budget.release(self.store.drop_group(gid))
+            self.rejected_groups += 1
+            return
+        if self.keep_group is None or self._dropped_this_step >= self.max_dropped or self.store.complete_group(uids[0]) is None:
+            return
+        rows = [SampleRow(u, gid, self.store.cells(u), {}) for u in uids]
+        if not self.keep_group(rows):
+            self.budget.release(self.store.drop_group(gid))
+            self.dropped_groups += 1
+            self._dropped_this_step += 1
 
-    def _filter(self, uid: int) -> None:
-        """Dynamic sampling: once every row of ``uid``'s group has a reward, drop the group if ``keep_group`` rejects
-        it, unless this step already dropped ``max_dropped`` groups or a stage still works on one of its rows."""
-        uids = self.store.group_rows(uid)
-        if uids is None or self._dropped_this_step >= self.max_dropped or any(map(self._busy, uids)):
-            return
-        if self.keep_group([self.store.get(u, REWARD).result for u in uids]):
-            return
-        self.store.drop_group(uids)
-        self.budget.release(len(uids))
-        self.dropped_groups += 1
-        self._dropped_this_step += 1
-
-    def _on_referenced(self, call: Any, info: _Call) -> None:
-        self._load["reference"][info.worker] -= len(info.uids)
-        self._claimed[info.kind].difference_update(info.uids)
-        try:
-            result = self.backend.result(call)
-        except Exception as e:
-            self._lost(e, info, "reference")
-            return
-        self.tracer.span(f"reference/{info.worker}", "reference log-probs", result.started, result.finished, samples=len(info.uids))
-        self.spans["reference"].append((result.started, result.finished))
-        for uid, logprobs in result.items:
-            if self._still_current(uid, info):
-                self.store.put(uid, REFERENCE, logprobs)
-        if self.keep_group is not None:
-            for uid in info.uids:
-                self._filter(uid)
-
-    def _lost(self, error: Exception, info: _Call, role: str) -> None:
+    def _lost(self, error: Exception, info: _Call, stage: Stage) -> None:
         """A call failed. A lost worker (the backend says so) is an infrastructure fault: its rows go back to be
         produced again. Anything else is a bug or a user error and stops the run with its own message."""
-        if not self.backend.is_worker_lost(error) or any(self._retries.get(u, 0) >= self.max_retries for u in info.uids):
+        uids = [u for u in info.attempts if u in self.store]
+        if not self.backend.is_worker_lost(error) or any(self._retries.get(u, 0) >= self.max_retries for u in uids):
             raise error
-        self.tracer.instant(f"{role}/{info.worker}", "worker lost", time.time(), error=type(error).__name__)
-        for uid in info.uids:
+        self.tracer.instant(f"{stage.group.name}/{info.worker}", "worker lost", time.time(), error=type(error).__name__)
+        for uid in uids:
             self._retry(uid)
 
     def _retry(self, uid: int) -> None:
@@ -293,10 +255,25 @@ class Controller:
         self.infra_retries += 1
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
-    def _still_current(self, uid: int, info: _Call) -> bool:
-        """Whether row ``uid`` still holds the generation ``info``'s call worked on: a retry started by another stage
-        may have cleared the row, or even regenerated it, while the call ran; its result is then dropped."""
-        return self.store.peek(uid, GENERATION) is info.inputs[uid]
+    def _record(self, stage: Stage, worker: int, output: StageOutput) -> None:
+        spans = output.spans or ([Span(stage.method, min(p.started for p in output.values),
+                                       max(p.finished for p in output.values))] if output.values else [])
+        for span in spans:
+            track = self._track(f"{stage.group.name}/{worker}", span.start, span.end)
+            self.tracer.span(track, span.name, span.start, span.end, **span.meta)
+            if span.name == "load weights":
+                self._pickups.append((span.end - span.meta.get("published_at", span.end), span.end - span.start))
+            else:
+                self.spans[stage.column].append((span.start, span.end))
+
+    def _track(self, track: str, start: float, end: float) -> str:
+        # Spans that overlap on one worker (concurrent calls) go on separate lanes: a trace track never overlaps.
+        lanes = self._lanes.setdefault(track, [])
+        lane = next((k for k, free_at in enumerate(lanes) if free_at <= start), len(lanes))
+        if lane == len(lanes):
+            lanes.append(end)
+        lanes[lane] = end
+        return track + (f".{lane}" if lane else "")
 
     def _busy(self, uid: int) -> bool:
         return any(uid in claimed for claimed in self._claimed.values())
@@ -304,17 +281,8 @@ class Controller:
     def _by_group(self, uids: list[int]) -> list[list[int]]:
         groups: dict[int, list[int]] = {}
         for u in uids:
-            groups.setdefault(self.store.get(u, PROMPT).group_id, []).append(u)
+            groups.setdefault(self.store.group_of(u), []).append(u)
         return list(groups.values())
-
-    def _reward_track(self, worker: int, start: float, end: float) -> str:
-        # Concurrent calls on one reward worker go on separate lanes so that the trace's spans never overlap.
-        lanes = self._reward_lanes[worker]
-        lane = next((k for k, free_at in enumerate(lanes) if free_at <= start), len(lanes))
-        if lane == len(lanes):
-            lanes.append(end)
-        lanes[lane] = end
-        return f"reward/{worker}" + (f".{lane}" if lane else "")
 
     def _step_result(self, step: int, groups: list[list[SampleRow]], result: TrainResult, last_step_end: float) -> StepResult:
         rows = [r for g in groups for r in g]
@@ -328,13 +296,13 @@ class Controller:
             "store/dropped": float(counts["dropped"]),
             "queue/admit_to_start_s": _mean([r.timestamps["started"] - r.timestamps["admitted"] for r in rows]),
             "queue/ready_to_consumed_s": _mean([r.timestamps["consumed"] - r.timestamps["finished"] for r in rows]),
-            "queue/sample_latency_s": _mean([r.timestamps["finished"] - r.timestamps["started"] for r in rows]),
+            "queue/sample_latency_s": _mean([r.duration for r in rows]),
             "queue/trainer_wait_s": max(0.0, result.started - last_step_end),
-            "time/reward_mean_s": _mean([r.reward.duration for r in rows]),
+            "staleness/eta": float(self.budget.eta),
         }
-        for stage in ("generate", "reward", "reference"):  # busy time of the stage since the previous step's metrics
-            metrics[f"time/{stage}"] = union_seconds(self.spans[stage][self._mark[stage]:])
-            self._mark[stage] = len(self.spans[stage])
+        for name in self.stages:  # busy time of each stage since the previous step's metrics
+            metrics[f"time/{name}"] = union_seconds(self.spans[name][self._mark[name]:])
+            self._mark[name] = len(self.spans[name])
         if self._pickups:
             metrics["weights/pickup_delay_s"] = _mean([d for d, _ in self._pickups])
             metrics["weights/load_s"] = _mean([s for _, s in self._pickups])
@@ -342,11 +310,11 @@ class Controller:
         return StepResult(step, groups, result, metrics)
 
     def pipeline_summary(self) -> dict[str, float]:
-        """How busy the pipeline was over ``run``: the producers' (any generate or reward running) and the trainer's
-        busy time, and efficiency = the bound max(producers, trainer) over the time achieved."""
+        """How busy the pipeline was over ``run``: the producers' (any stage running) and the trainer's busy time,
+        and efficiency = the bound max(producers, trainer) over the time achieved."""
         wall = self.finished - self.started
-        producers = union_seconds(self.spans["generate"] + self.spans["reward"] + self.spans["reference"])
-        train = union_seconds(self.spans["train"])
+        producers = union_seconds([s for name in self.stages for s in self.spans[name]])
+        train = union_seconds(self.spans[TRAIN])
         return {
             "pipeline_seconds": wall,
             "producer_busy_seconds": producers,

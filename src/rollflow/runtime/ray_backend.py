@@ -15,9 +15,12 @@ were at ``ray.init``, so every worker also gets the driver's import path (``driv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +36,9 @@ from rollflow.runtime.backend import Resources, WorkerLost, WorkerStartError, in
 
 @ray.remote
 class _Host:
-    """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built.
+    """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built. An async
+    method runs on the host's event loop (one thread, started at the first such call), so that every call in flight
+    (up to the actor's ``max_concurrency``) shares it: a rollout worker's episodes from many calls batch together.
 
     A factory that raises leaves the actor alive with the error in one line, for ``start_error``: Ray's own report
     of a failed constructor is a traceback of its machinery, printed after the fact (and a restartable actor would
@@ -44,6 +49,8 @@ class _Host:
         torch.set_num_threads(torch_threads)
         self.worker: Any = None
         self.error: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_lock = threading.Lock()
         try:
             self.worker = factory()
         except Exception as e:
@@ -58,10 +65,20 @@ class _Host:
         # OpenMP's thread count is per calling thread; a threaded actor runs calls off the main thread, where it would
         # otherwise fall back to Ray's OMP_NUM_THREADS.
         torch.set_num_threads(self.torch_threads)
+        fn = getattr(self.worker, method)
+        if inspect.iscoroutinefunction(fn):
+            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop()).result()
         try:
-            return getattr(self.worker, method)(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             self.torch_threads = torch.get_num_threads()  # a call may change it (the trainer's ``set_threads``)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        with self.loop_lock:
+            if self.loop is None:
+                self.loop = asyncio.new_event_loop()
+                threading.Thread(target=self.loop.run_forever, name="episodes", daemon=True).start()
+            return self.loop
 
 
 @dataclass(frozen=True)

@@ -83,27 +83,6 @@ class Tracer:
             return
         self._record(_Event("C", None, name, at, 0.0, dict(values)))
 
-    def busy_seconds(self, track_prefix: str, names: set[str] | None = None) -> float:
-        """Seconds covered by spans on tracks starting with ``track_prefix``: union per track, summed over tracks."""
-        by_track: dict[str, list[tuple[float, float]]] = {}
-        with self._lock:
-            for e in self._events:
-                if e.ph == "X" and e.track is not None and e.track.startswith(track_prefix):
-                    if names is None or e.name in names:
-                        by_track.setdefault(e.track, []).append((e.t, e.t + e.dur))
-        total = 0.0
-        for intervals in by_track.values():
-            intervals.sort()
-            lo, hi = intervals[0]
-            for start, end in intervals[1:]:
-                if start > hi:
-                    total += hi - lo
-                    lo, hi = start, end
-                else:
-                    hi = max(hi, end)
-            total += hi - lo
-        return total
-
     def write(self, path: str | os.PathLike[str]) -> Path:
         with self._lock:
             events, tids = list(self._events), dict(self._tids)

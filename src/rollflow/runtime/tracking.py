@@ -4,7 +4,7 @@ Layout of ``run_dir``:
 
 - ``metrics.jsonl``  one ``{"step": ..., **metrics}`` line per step, flushed as written so a crash loses nothing
 - ``rollouts.jsonl`` sample rows the caller chose to keep, one per line
-- ``tensorboard/``   every numeric metric as a scalar, tagged by its name (``reward/mean``, ``time/generate``)
+- ``tensorboard/``   every numeric metric as a scalar, tagged by its name (``reward/mean``, ``time/trajectory``)
 - ``summary.json``, ``curves.png``  written by :meth:`Tracker.finish` only
 
 Non-finite floats are written as ``NaN``/``Infinity``: Python's ``json`` reads them back, strict parsers do not.
@@ -78,6 +78,12 @@ class Tracker:
         self._tb.add_scalar("eval/accuracy", accuracy, step)
         self._live["eval/accuracy"] = float(accuracy)
         self._progress.update(self._task, description=self._describe())
+
+    def note(self, line: str) -> None:
+        """A one-line message about the run (a decision it took), printed above the bar and kept in notes.log."""
+        self._console.print(line)
+        with open(self.run_dir / "notes.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -1,6 +1,6 @@
 import torch
 
-from rollflow.runtime.batch import collate, outcome_token_rewards
+from rollflow.algos.batch import collate, outcome_token_rewards
 
 
 def test_outcome_token_rewards_sit_on_the_last_response_token():

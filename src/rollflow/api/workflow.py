@@ -1,0 +1,95 @@
+"""Rollout workflows: how one task instance becomes one trajectory (or fragment).
+
+A workflow is one async method. It may call the inference engine several times and an environment in between, and
+returns what it produced, or ``Reject`` to say that this task instance should not be trained on (its group is
+dropped and replaced). Rollout workers run many episodes at once; the engine batches whatever requests are waiting.
+
+Every engine and environment call goes through the episode's context, which applies the run's timeouts and
+classifies faults: an environment call that runs past ``env_timeout``, or an episode past ``episode_timeout``, is the
+agent's outcome (``Status.TIMEOUT``, trained with what it produced so far); an engine that does not answer, or an
+environment that raises, is the infrastructure's (``InfraError`` → ``Status.INFRA_ERROR``: retried, then masked).
+Any other exception from the workflow's own code is a bug and stops the run with its message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from rollflow.api.sample import Generation, SamplingParams
+from rollflow.api.trajectory import Fragment, Trajectory, TrajectoryBuilder
+
+T = TypeVar("T")
+
+
+class InfraError(RuntimeError):
+    """The infrastructure failed an episode (the engine did not answer, the environment crashed): never a reward."""
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Returned by a workflow instead of a trajectory: do not train on this task instance."""
+
+    reason: str = ""
+
+
+class EngineClient(Protocol):
+    """The policy as a workflow sees it: requests from concurrent episodes are batched into one engine call, each
+    between two weight pick-ups (a call never mixes versions)."""
+
+    @property
+    def version(self) -> int:
+        """The version of the weights the engine holds now (the next request may run on a newer one)."""
+        ...
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Generation:
+        """Sample one response to ``prompt_ids`` (a text policy)."""
+        ...
+
+    async def act(self, observation: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """Sample one action for ``observation`` (a non-text policy): (action, its log-prob, the policy version)."""
+        ...
+
+
+class EpisodeContext(Protocol):
+    """What the runtime gives one episode."""
+
+    engine: EngineClient
+    trajectory: TrajectoryBuilder  # write text turns here: an episode cut off by its timeout keeps what it has
+
+    async def env(self, fn: Callable[..., T | Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Call the environment (``fn`` sync or async) under the run's ``env_timeout``: past it the episode ends as
+        ``Status.TIMEOUT``; an exception from ``fn`` ends it as ``Status.INFRA_ERROR``."""
+        ...
+
+
+class RolloutWorkflow(Protocol):
+    """Produces one trajectory for one task instance. ``task`` is the value of the store's admission column
+    (a ``Problem`` for text tasks, whatever the recipe admits otherwise)."""
+
+    async def run(self, task: Any, ctx: EpisodeContext) -> Trajectory | Fragment | Reject: ...
+
+
+@dataclass(frozen=True)
+class EnvStep:
+    """What a text environment answers to one model turn."""
+
+    observation: str  # shown to the model next (ignored when ``done``)
+    reward: float = 0.0
+    done: bool = False
+    info: dict[str, Any] | None = None
+
+
+class TextEnv(Protocol):
+    """A multi-turn text environment (a tool, a code runner, a game): the model's turns in, observations out."""
+
+    def reset(self, task: Any) -> str:
+        """Start an episode for ``task``; returns the first observation (the prompt)."""
+        ...
+
+    def step(self, action: str) -> EnvStep | Awaitable[EnvStep]:
+        """Apply the model's turn; may take variable time (running code)."""
+        ...

@@ -1,0 +1,103 @@
+"""Engines for small non-text policies: a categorical MLP, the rollout engine that samples from it, and the trainer
+that optimises it with a loss it is given.
+
+The pair mirrors the text engines (``hf_inference`` and ``torch_train``): the rollout engine holds one weight version
+at a time and changes it only through verified ``VersionedWeights``; the trainer knows nothing of RL, it turns a
+loss function into ``minibatches × epochs`` clipped AdamW updates and counts one version per ``train_step``.
+Not covered: continuous actions (a Gaussian head would be another module with the same two engines).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollflow.api import LossOutput, StepBatch, StepLossFn, VersionedWeights
+from rollflow.engines.models import VersionedEngine
+from rollflow.engines.torch_train import minibatch_updates
+
+
+class CategoricalMLP(torch.nn.Module):
+    """Observations (B, obs_dim) → logits (B, actions) of a categorical policy; ``hidden`` units per layer."""
+
+    def __init__(self, obs_dim: int, actions: int, hidden: tuple[int, ...] = (32,), seed: int = 0) -> None:
+        super().__init__()
+        sizes = [obs_dim, *hidden]
+        layers: list[torch.nn.Module] = []
+        with torch.random.fork_rng():  # the same seed gives the same weights, without touching the global generator
+            torch.manual_seed(seed)
+            for a, b in zip(sizes, sizes[1:]):
+                layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+            layers.append(torch.nn.Linear(sizes[-1], actions))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.net(observations.float())  # (B, actions)
+
+
+def action_logprobs(model: torch.nn.Module, observations: torch.Tensor,
+                    actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (B,) of ``actions`` (B,) given ``observations`` (B, *obs) under ``model``, and the entropies (B,)."""
+    logp = model(observations).log_softmax(-1)  # (B, A)
+    taken = logp.gather(-1, actions.long()[:, None]).squeeze(-1)  # (B,)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B,)
+    return taken, entropy
+
+
+class TorchPolicyEngine(VersionedEngine):
+    """``api.PolicyEngine`` over a categorical policy: samples one action per observation with its own seeded
+    generator, so a worker's stream of actions depends only on its seed and what it was asked."""
+
+    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._version = 0  # built from the trainer's starting weights, which are version 0
+
+    @torch.no_grad()
+    def act(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = self.model(observations).log_softmax(-1)  # (B, A)
+        actions = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)  # (B,)
+        return actions, logp.gather(-1, actions[:, None]).squeeze(-1)  # (B,), (B,)
+
+
+class TorchPolicyTrainer:
+    """Trains a categorical policy with a loss it is given: AdamW, gradient clipping, minibatches and epochs per step
+    (``torch_train.minibatch_updates``, shared with the text trainer). ``version`` is the number of ``train_step``
+    calls: one per RL step, whatever the minibatches and epochs."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0) -> None:
+        self.model = model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+        self.grad_clip = grad_clip
+        self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batch: StepBatch, loss_fn: StepLossFn, minibatches: int = 1, epochs: int = 1,
+                   lr_scale: float = 1.0) -> dict[str, float]:
+        """``epochs`` passes over ``batch``, each cut into ``minibatches`` updates at ``lr_scale`` × the learning
+        rate; then version += 1."""
+
+        def loss(mb: StepBatch) -> LossOutput:
+            logp, entropy = action_logprobs(self.model, mb.observations, mb.actions)
+            return loss_fn(logp, entropy, mb)
+
+        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss,
+                                    minibatches, epochs, self.generator, lr_scale)
+        self._version += 1
+        return metrics
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: StepBatch) -> torch.Tensor:
+        """Log-probs (N,) of the batch's actions under the current weights (π_old for off-policy corrections)."""
+        return action_logprobs(self.model, batch.observations, batch.actions)[0]
+
+    def export_weights(self) -> VersionedWeights:
+        return VersionedWeights.pack(self._version, self.model.state_dict())

@@ -1,0 +1,244 @@
+"""The rollout worker: runs rollout workflows, many episodes at once, on one inference engine.
+
+Each call (``rollout``) is one or more whole groups; their episodes run concurrently on the worker's event loop, as
+do the episodes of every other call in flight. Episodes ask the engine for tokens (or actions) through a
+``Batcher``: requests that are waiting together go to the engine as one batch, which runs on the worker's single
+engine thread (so environment steps go on meanwhile) and is preceded by the safe point where newly published weights
+are picked up: one engine batch never mixes two versions, and every token records the version that chose it.
+
+Timeouts (``Limits``) are applied per episode and per engine / environment call, and classified as
+``api.workflow`` says: the agent's side is ``Status.TIMEOUT``, the infrastructure's ``Status.INFRA_ERROR``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from rollflow.api import (
+    Generation, InfraError, Reject, RolloutWorkflow, SamplingParams, Status, TrajectoryBuilder, TrajectoryCell,
+    WeightTransport,
+)
+from rollflow.runtime.backend import LocalPayloads, Payloads
+from rollflow.runtime.group import Mode, dispatch
+from rollflow.runtime.stage import Produced, Span, StageOutput
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Seconds allowed (None: no limit)."""
+
+    episode: float | None = None  # a whole episode; past it: Status.TIMEOUT with what it produced so far
+    engine: float | None = None  # one engine request, from asking to answer; past it: Status.INFRA_ERROR
+    env: float | None = None  # one environment call; past it: Status.TIMEOUT (the agent's action ran too long)
+
+
+class EpisodeTimeout(Exception):
+    """An environment call ran past ``Limits.env``."""
+
+
+class Batcher:
+    """Gathers the requests of concurrent episodes and runs them as one call of ``run`` (items → results, in order)
+    on ``executor``. While a batch runs, new requests wait for the next one; at most ``max_batch`` per call."""
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], executor: ThreadPoolExecutor, max_batch: int) -> None:
+        self.run, self.executor, self.max_batch = run, executor, max_batch
+        self._waiting: list[tuple[Any, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append((item, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            await asyncio.sleep(0)  # one turn of the loop: every episode that is ready to ask asks first
+            batch = [(i, f) for i, f in self._waiting[: self.max_batch] if not f.done()]  # done: its asker gave up
+            del self._waiting[: self.max_batch]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, [i for i, _ in batch])
+            except Exception as e:  # the engine failed: every asker of the batch gets the error
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
+
+
+class _Client:
+    """``api.EngineClient`` over a rollout worker's batchers, with the engine timeout."""
+
+    def __init__(self, worker: RolloutWorker) -> None:
+        self.worker = worker
+
+    @property
+    def version(self) -> int:
+        return self.worker.engine.version
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Generation:
+        return await self._answer(self.worker.batcher(params or self.worker.params).submit(prompt_ids))
+
+    async def act(self, observation: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        return await self._answer(self.worker.batcher(None).submit(observation))
+
+    async def _answer(self, request: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(request, self.worker.limits.engine)
+        except TimeoutError:
+            raise InfraError(f"the inference engine did not answer within {self.worker.limits.engine} s") from None
+
+
+class _Context:
+    """``api.EpisodeContext`` of one episode."""
+
+    def __init__(self, worker: RolloutWorker) -> None:
+        self.engine = worker.client
+        self.trajectory = TrajectoryBuilder()
+        self.limits = worker.limits
+
+    async def env(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        name = getattr(fn, "__qualname__", repr(fn))
+
+        async def call() -> Any:
+            # A plain function runs in a thread, so a slow one (running code) does not stop the other episodes.
+            result = fn(*args, **kwargs) if inspect.iscoroutinefunction(fn) else await asyncio.to_thread(fn, *args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        try:
+            return await asyncio.wait_for(call(), self.limits.env)
+        except TimeoutError:
+            raise EpisodeTimeout(f"environment call {name} ran past env_timeout={self.limits.env} s") from None
+        except (InfraError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise InfraError(f"environment call {name} raised {type(e).__name__}: {e}") from e
+
+
+class RolloutWorker:
+    """Runs ``workflow`` episodes on ``engine`` (an ``InferenceEngine`` for text, a ``PolicyEngine`` otherwise)."""
+
+    def __init__(
+        self,
+        engine: Any,
+        transport: WeightTransport,
+        workflow: RolloutWorkflow,
+        params: SamplingParams | None = None,
+        payloads: Payloads | None = None,
+        limits: Limits = Limits(),
+        threads: int = 1,
+        max_batch: int = 256,
+    ) -> None:
+        self.engine, self.transport, self.workflow = engine, transport, workflow
+        self.params = params or SamplingParams()
+        self.payloads = payloads or LocalPayloads()
+        self.limits, self.max_batch = limits, max_batch
+        self.client = _Client(self)
+        # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
+        self._batchers: dict[SamplingParams | None, Batcher] = {}
+        self._spans: list[Span] = []  # engine batches and weight loads since the last call returned
+        self._lock = threading.Lock()
+
+    # -- the stage ------------------------------------------------------------------------------------------------
+    async def rollout(self, items: list[tuple[int, Any]]) -> StageOutput:
+        """``items``: (uid, task instance). Runs every episode at once; the values are ``TrajectoryCell``s (their
+        bulk in the payload store) or ``Reject``s."""
+        outcomes = await asyncio.gather(*(self._episode(task) for _, task in items), return_exceptions=True)
+        for (uid, _), out in zip(items, outcomes):
+            if isinstance(out, BaseException):
+                name = type(self.workflow).__name__
+                raise RuntimeError(f"rollout workflow {name} failed on sample {uid}: {type(out).__name__}: {out}") from out
+        produced = [(uid, out) for (uid, _), out in zip(items, outcomes)]
+        kept = [t for _, (t, _, _) in produced if not isinstance(t, Reject)]
+        handles = iter(self.payloads.put(kept))
+        values = [Produced(uid, t if isinstance(t, Reject) else TrajectoryCell.of(t, next(handles)), started, finished)
+                  for uid, (t, started, finished) in produced]
+        with self._lock:
+            spans, self._spans = self._spans, []
+        return StageOutput(values, spans)
+
+    async def _episode(self, task: Any) -> tuple[Any, float, float]:
+        ctx, started = _Context(self), time.time()
+        try:
+            out = await asyncio.wait_for(self.workflow.run(task, ctx), self.limits.episode)
+        except (TimeoutError, EpisodeTimeout) as e:
+            out = ctx.trajectory.build(status=Status.TIMEOUT, error=str(e) or f"episode ran past episode_timeout={self.limits.episode} s")
+        except InfraError as e:
+            out = ctx.trajectory.build(status=Status.INFRA_ERROR, error=str(e))
+        return out, started, time.time()
+
+    def batcher(self, params: SamplingParams | None) -> Batcher:
+        """The batcher of text requests with ``params``, or (None) of action requests."""
+        if params not in self._batchers:
+            run = self._act if params is None else lambda prompts: self._generate(prompts, params)
+            self._batchers[params] = Batcher(run, self.executor, self.max_batch)
+        return self._batchers[params]
+
+    # -- the engine thread ----------------------------------------------------------------------------------------
+    def _generate(self, prompts: list[list[int]], params: SamplingParams, record: bool = True) -> list[Generation]:
+        self._pick_up()
+        started = time.time()
+        out = self.engine.generate(prompts, params)
+        if record:  # an evaluation's batch is not the stage's work
+            self._record(Span("generate", started, time.time(), {"samples": len(prompts), "version": self.engine.version}))
+        return out
+
+    def _act(self, observations: list[torch.Tensor]) -> list[tuple[torch.Tensor, float, int]]:
+        self._pick_up()
+        started = time.time()
+        actions, logprobs = self.engine.act(torch.stack(observations))
+        self._record(Span("act", started, time.time(), {"samples": len(observations), "version": self.engine.version}))
+        return [(a, float(lp), self.engine.version) for a, lp in zip(actions, logprobs)]
+
+    def _pick_up(self) -> None:
+        # The safe point: only here, between two engine batches, so every forward pass sees one version.
+        latest = self.transport.latest(newer_than=self.engine.version)
+        if latest is None:
+            return
+        t = time.perf_counter()
+        self.engine.load_weights(latest)  # verifies the checksum first; on mismatch the old weights stay
+        now = time.time()
+        self._record(Span("load weights", now - (time.perf_counter() - t), now,
+                          {"version": latest.version, "published_at": latest.published_at}))
+
+    def _record(self, span: Span) -> None:
+        with self._lock:
+            self._spans.append(span)
+
+    # -- driver calls ---------------------------------------------------------------------------------------------
+    @dispatch(Mode.SPLIT)
+    def generate(self, items: list[tuple[int, list[int]]], params: SamplingParams | None = None) -> list[tuple[int, Generation]]:
+        """``items``: (uid, prompt token ids). One batch with the newest weights (e.g. an evaluation), on the engine
+        thread, so it never runs beside an episode's batch."""
+        gens = self.executor.submit(self._generate, [ids for _, ids in items], params or self.params, False).result()
+        return [(uid, g) for (uid, _), g in zip(items, gens)]
+
+    @dispatch(Mode.FIRST)
+    def save(self, save: Callable[[Any], None]) -> int:
+        """Run ``save(model)`` on the weights this worker last generated with (e.g. the ones just evaluated);
+        returns their version."""
+        return self.executor.submit(lambda: (save(self.engine.model), self.engine.version)[1]).result()
+
+    @dispatch(Mode.BROADCAST)
+    def set_threads(self, n: int) -> None:
+        """torch threads of the engine thread (``runtime.staleness=auto`` changes them when it settles η)."""
+        self.executor.submit(torch.set_num_threads, n).result()
