@@ -161,3 +161,18 @@ def test_eval_generate_runs_on_the_engine_thread_with_the_newest_weights():
     [out] = rollout(worker, [(6, [1, 4])])
     # the evaluation's batch is not stage work (its weight load is still reported: the engine did load them)
     assert [s.name for s in out.spans] == ["load weights", "generate"] and out.spans[1].meta["samples"] == 1
+
+
+def test_requests_arriving_a_little_apart_share_a_batch_when_gathering():
+    async def arrive(worker, items, delay):
+        await asyncio.sleep(delay)
+        return await worker.rollout(items)
+
+    async def two_calls(gather):
+        engine = FakeEngine()
+        worker = RolloutWorker(engine, InlineWeightTransport(), Echo(), gather=gather)
+        await asyncio.gather(arrive(worker, [(0, [1, 1])], 0.0), arrive(worker, [(1, [1, 2])], 0.005))
+        return [len(b) for b in engine.batches]
+
+    assert asyncio.run(two_calls(0.0)) == [1, 1]  # the second request came 5 ms late: a batch of its own
+    assert asyncio.run(two_calls(0.02)) == [2]  # gathering for up to 20 ms of quiet: one batch

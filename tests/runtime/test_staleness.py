@@ -115,30 +115,30 @@ def test_irregular_admission_keeps_every_sample_within_eta(eta):
 
 
 # -- runtime.staleness=auto ------------------------------------------------------------------------------------------
-def times(produce, train, step, n=3):
-    return [StageTimes(produce, train, step)] * n
+def times(produce, score, train, step, n=3):
+    return [StageTimes(produce, score, train, step)] * n
 
 
 def test_auto_keeps_synchronous_when_cpu_bound_stages_would_only_share_the_cores():
-    eta, reason = choose_staleness(times(0.3, 0.3, 0.65), split=2.0)
+    eta, reason = choose_staleness(times(0.35, 0.02, 0.4, 0.92), split=2.0)
     assert eta == 0
-    assert reason.startswith("synchronous step 0.650 s = produce 0.300 + train 0.300 + wait 0.050")
-    assert "overlap predicted no faster (0.600 s at η=1" in reason
+    assert reason.startswith("synchronous step 0.920 s = produce 0.350 + score 0.020 + train 0.400 + other 0.150")
+    assert "overlap predicted no faster (0.950 s at η=1" in reason  # max(0.7, 0.8, 0.36) + 0.15
 
 
 def test_auto_overlaps_slow_rewards_and_picks_the_eta_that_hides_them():
-    # wait 1.5 s per step: η=1 predicts max(0.6, 0.6, 2.1/2) = 1.05 s, η=2 predicts 0.7 s; both beat 0.9 × 2.1 s.
-    eta, reason = choose_staleness(times(0.3, 0.3, 2.1), split=2.0)
+    # scoring 1.5 s per step: η=1 predicts max(0.6, 0.6, 2.1/2) + 0.1 = 1.15 s, η=2 predicts 0.8 s; sync is 2.2 s.
+    eta, reason = choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0)
     assert eta == 2
-    assert reason.endswith("overlapped at η=2 predicted 0.700 s")
-    assert choose_staleness(times(0.3, 0.3, 2.1), split=2.0, max_eta=1)[0] == 1
+    assert reason.endswith("overlapped at η=2 predicted 0.800 s")
+    assert choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0, max_eta=1)[0] == 1
 
 
 def test_auto_prefers_the_smallest_eta_within_five_percent_of_the_best():
     # split 1 (rollout and trainer on their own devices): η=1 predicts max(0.3, 0.3, 0.35/2) = 0.3, as good as η=2.
-    assert choose_staleness(times(0.3, 0.3, 0.65), split=1.0)[0] == 1
+    assert choose_staleness(times(0.3, 0.05, 0.3, 0.65), split=1.0)[0] == 1
 
 
 def test_auto_averages_the_measured_steps():
-    samples = [StageTimes(0.3, 0.3, 0.6), StageTimes(0.3, 0.3, 3.6)]  # mean step 2.1 s: slow rewards after all
+    samples = [StageTimes(0.3, 0.0, 0.3, 0.7), StageTimes(0.3, 3.0, 0.3, 3.7)]  # mean scoring 1.5 s: slow rewards
     assert choose_staleness(samples, split=2.0)[0] == 2

@@ -345,8 +345,13 @@ class RoleConfig(Section):
 class RolloutRoleConfig(RoleConfig):
     concurrency: int = Field(64, ge=1)
     """Calls in flight per rollout worker: their episodes run at once and the engine batches their requests."""
-    groups_per_call: int = Field(1, ge=1)
-    """Groups per rollout call. 1: each group enters the store as soon as its episodes finish."""
+    groups_per_call: int = Field(8, ge=1)
+    """Most groups per rollout call; a call's groups enter the store when its last episode finishes. Single-turn
+    episodes batched together finish together anyway, and fewer calls cost less; 1 suits workflows whose episodes
+    take variable time (each group enters the store as soon as it is done)."""
+    gather_s: float = Field(0.005, ge=0.0)
+    """An engine batch starts once no new request arrived for this long (at most 50 ms after its first request):
+    requests sent together, e.g. a step's groups, then share one batch. 0: start at once."""
 
 
 class RewardRoleConfig(RoleConfig):

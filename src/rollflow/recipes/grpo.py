@@ -123,7 +123,7 @@ def _rollout_worker(model: Any, tokenizer: Any, config: Config, index: int, tran
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     limits = Limits(episode=r.episode_timeout, engine=r.engine_timeout, env=r.env_timeout)
     return RolloutWorker(engine, transport, SingleTurn(Tokens(tokenizer), params), params, payloads, limits,
-                         threads=threads, max_batch=rt.generate_batch)
+                         threads=threads, max_batch=rt.generate_batch, gather=rt.rollout.gather_s)
 
 
 def score_text(verify: Callable[[Problem, str], RewardResult], problem: Problem, cell: TrajectoryCell) -> RewardResult:
@@ -306,8 +306,9 @@ class AutoStaleness:
         if self.chosen is not None:
             return None
         m = result.metrics
-        produce = m.get(f"time/{TRAJECTORY}", 0.0)
-        self.samples.append(StageTimes(produce, result.train.finished - result.train.started, step_seconds))
+        score = max(m.get(f"time/{REWARD}", 0.0), m.get(f"time/{REFERENCE}", 0.0))  # side by side
+        self.samples.append(StageTimes(m.get(f"time/{TRAJECTORY}", 0.0), score,
+                                       result.train.finished - result.train.started, step_seconds))
         if len(self.samples) < self.runtime.auto_steps:
             return None
         if self.runtime.backend == "inline":

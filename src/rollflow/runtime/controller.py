@@ -163,16 +163,16 @@ class Controller:
 
     def _dispatch(self, stage: Stage) -> None:
         """Send the groups waiting for ``stage`` to its least loaded workers, at most ``groups_per_call`` a call and
-        shared evenly over the free call slots, so no worker idles while groups wait."""
+        shared evenly over the workers with room for a call, so no worker idles while groups wait."""
         load = self._load[stage.column]
         waiting = [u for u in self.store.pending(stage.column) if not self._busy(u)]
         groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._rejected]
         if not stage.whole_groups:
             groups = [[u] for g in groups for u in g]
-        slots = sum(max(0, stage.calls_per_worker - calls) for calls, _ in load)
-        if not groups or not slots:
+        free = sum(calls < stage.calls_per_worker for calls, _ in load)
+        if not groups or not free:
             return
-        per_call = min(stage.groups_per_call, -(-len(groups) // slots))
+        per_call = min(stage.groups_per_call, -(-len(groups) // free))
         for k in range(0, len(groups), per_call):
             free = [i for i in range(len(stage.group)) if load[i][0] < stage.calls_per_worker]
             if not free:

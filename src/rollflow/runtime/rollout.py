@@ -49,10 +49,16 @@ class EpisodeTimeout(Exception):
 
 class Batcher:
     """Gathers the requests of concurrent episodes and runs them as one call of ``run`` (items → results, in order)
-    on ``executor``. While a batch runs, new requests wait for the next one; at most ``max_batch`` per call."""
+    on ``executor``. While a batch runs, new requests wait for the next one; at most ``max_batch`` per call.
 
-    def __init__(self, run: Callable[[list[Any]], list[Any]], executor: ThreadPoolExecutor, max_batch: int) -> None:
+    Requests that belong together (a step's groups, sent as separate calls) arrive a little apart when they come from
+    another process, and the engine's cost per batch is mostly per decoding step, not per sequence: so a batch starts
+    only once no new request arrived for ``gather`` seconds (at most ``max_wait`` after its first), or it is full."""
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], executor: ThreadPoolExecutor, max_batch: int,
+                 gather: float = 0.0, max_wait: float = 0.05) -> None:
         self.run, self.executor, self.max_batch = run, executor, max_batch
+        self.gather, self.max_wait = gather, max_wait
         self._waiting: list[tuple[Any, asyncio.Future]] = []
         self._drainer: asyncio.Task | None = None
 
@@ -68,6 +74,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while self._waiting:
             await asyncio.sleep(0)  # one turn of the loop: every episode that is ready to ask asks first
+            first, seen = loop.time(), len(self._waiting)
+            while self.gather and seen < self.max_batch and loop.time() - first < self.max_wait:
+                await asyncio.sleep(self.gather)
+                if len(self._waiting) == seen:
+                    break
+                seen = len(self._waiting)
             batch = [(i, f) for i, f in self._waiting[: self.max_batch] if not f.done()]  # done: its asker gave up
             del self._waiting[: self.max_batch]
             if not batch:
@@ -134,7 +146,8 @@ class _Context:
 
 
 class RolloutWorker:
-    """Runs ``workflow`` episodes on ``engine`` (an ``InferenceEngine`` for text, a ``PolicyEngine`` otherwise)."""
+    """Runs ``workflow`` episodes on ``engine`` (an ``InferenceEngine`` for text, a ``PolicyEngine`` otherwise);
+    ``max_batch`` and ``gather`` shape its engine batches (see ``Batcher``)."""
 
     def __init__(
         self,
@@ -146,11 +159,12 @@ class RolloutWorker:
         limits: Limits = Limits(),
         threads: int = 1,
         max_batch: int = 256,
+        gather: float = 0.0,
     ) -> None:
         self.engine, self.transport, self.workflow = engine, transport, workflow
         self.params = params or SamplingParams()
         self.payloads = payloads or LocalPayloads()
-        self.limits, self.max_batch = limits, max_batch
+        self.limits, self.max_batch, self.gather = limits, max_batch, gather
         self.client = _Client(self)
         # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
@@ -190,7 +204,7 @@ class RolloutWorker:
         """The batcher of text requests with ``params``, or (None) of action requests."""
         if params not in self._batchers:
             run = self._act if params is None else lambda prompts: self._generate(prompts, params)
-            self._batchers[params] = Batcher(run, self.executor, self.max_batch)
+            self._batchers[params] = Batcher(run, self.executor, self.max_batch, self.gather)
         return self._batchers[params]
 
     # -- the engine thread ----------------------------------------------------------------------------------------

@@ -56,9 +56,11 @@ class StalenessBudget:
 
 @dataclass(frozen=True)
 class StageTimes:
-    """One synchronous step, measured: the rollout engine's busy seconds, the trainer's, and the step's wall time."""
+    """One synchronous step, measured: the rollout engine's busy seconds, the scoring stages' (rewards, reference),
+    the trainer's, and the step's wall time."""
 
     produce: float
+    score: float
     train: float
     step: float
 
@@ -66,25 +68,28 @@ class StageTimes:
 def choose_staleness(samples: list[StageTimes], split: float, max_eta: int = 2, margin: float = 0.9) -> tuple[int, str]:
     """The η that measured synchronous steps favour, and why, in one line.
 
-    A synchronous step takes ``step`` = produce + train + wait, where ``wait`` is everything else on the step's
-    critical path (rewards that sleep on a sandbox, environment steps, call overheads). Overlapping rollout and
-    training gives each stage its share of the cores, so a CPU-bound stage runs up to ``split`` times slower
-    (``split`` = cores ÷ share, the worst case of perfect thread scaling); with η the pipeline holds η + 1 steps of
-    samples, so the production latency (engine + wait) is spread over them. Predicted overlapped step:
+    A synchronous step takes ``step`` = produce + score + train + other, where ``other`` is what no stage's busy
+    time covers (dispatch, weight publishing and pick-up, call overheads), and is paid overlapped or not.
+    Overlapping rollout and training gives each stage its share of the cores, so a CPU-bound stage runs up to
+    ``split`` times slower (``split`` = cores ÷ share, the worst case of perfect thread scaling); scoring (rewards
+    that wait on a sandbox, a reference model beside them) overlaps with both, and with η the pipeline holds η + 1
+    steps of samples, so the production latency (engine + scoring) is spread over them. Predicted overlapped step:
 
-        max(split·produce, split·train, (split·produce + wait) / (η + 1)).
+        max(split·produce, split·train, (split·produce + score) / (η + 1)) + other.
 
     η > 0 is chosen only if its prediction beats the measured synchronous step by the ``margin`` (what overlap costs
     that the model leaves out: more calls, lanes, weight pick-ups); among such η the smallest within 5 % of the
     best, since staler samples learn a little less. ``max_eta`` caps it (η = 2 is the most the built-in tasks were
     measured to learn as well at)."""
     n = len(samples)
-    produce, train, step = (sum(getattr(s, k) for s in samples) / n for k in ("produce", "train", "step"))
-    wait = max(0.0, step - produce - train)
-    predicted = {eta: max(split * produce, split * train, (split * produce + wait) / (eta + 1)) for eta in range(1, max_eta + 1)}
+    produce, score, train, step = (sum(getattr(s, k) for s in samples) / n for k in ("produce", "score", "train", "step"))
+    other = max(0.0, step - produce - score - train)
+    predicted = {eta: max(split * produce, split * train, (split * produce + score) / (eta + 1)) + other
+                 for eta in range(1, max_eta + 1)}
     best = min(predicted.values())
     eta = min(e for e, p in predicted.items() if p <= best * 1.05)
-    measured = f"synchronous step {step:.3f} s = produce {produce:.3f} + train {train:.3f} + wait {wait:.3f}"
+    measured = (f"synchronous step {step:.3f} s = produce {produce:.3f} + score {score:.3f} + train {train:.3f} "
+                f"+ other {other:.3f}")
     if predicted[eta] < margin * step:
         return eta, f"{measured}; overlapped at η={eta} predicted {predicted[eta]:.3f} s"
     return 0, f"{measured}; overlap predicted no faster ({predicted[eta]:.3f} s at η={eta}, cores split {split:.1f}×)"
