@@ -60,7 +60,8 @@ def test_ray_run_writes_a_trace_with_a_track_per_worker(ray_run):
     tracks = {e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     assert {"rollout/0", "reward/0", "trainer"} <= tracks
     spans = {e["name"] for e in events if e["ph"] == "X"}
-    assert {"rollout", "generate", "score", "train step", "publish weights", "load weights"} <= spans
+    assert {"generate", "score", "train step", "publish weights", "load weights"} <= spans
+    assert "rollout" not in spans  # a rollout worker's busy time is its engine batches, not its calls' waits
     summary = ray_run.summary
     assert summary["backend"] == "ray" and 0 < summary["trainer_busy_fraction"] <= 1
     assert 0 < summary["pipeline_efficiency"] <= 1 + 1e-9

@@ -256,8 +256,9 @@ class Controller:
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def _record(self, stage: Stage, worker: int, output: StageOutput) -> None:
-        spans = output.spans or ([Span(stage.method, min(p.started for p in output.values),
-                                       max(p.finished for p in output.values))] if output.values else [])
+        spans = output.spans
+        if spans is None:
+            spans = [Span(stage.method, min(p.started for p in output.values), max(p.finished for p in output.values))] if output.values else []
         for span in spans:
             track = self._track(f"{stage.group.name}/{worker}", span.start, span.end)
             self.tracer.span(track, span.name, span.start, span.end, **span.meta)

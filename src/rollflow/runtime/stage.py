@@ -36,11 +36,12 @@ class Produced:
 
 @dataclass
 class StageOutput:
-    """What a stage worker's call returns: a value per row, and what the worker did meanwhile (``spans``; empty
-    means the call's own span, from the earliest start to the latest finish of its values)."""
+    """What a stage worker's call returns: a value per row, and what the worker did meanwhile (``spans``; None
+    means the call's own span, from the earliest start to the latest finish of its values; a rollout worker reports
+    its engine batches and weight loads instead, each once, with whichever call returns next)."""
 
     values: list[Produced]
-    spans: list[Span] = field(default_factory=list)
+    spans: list[Span] | None = None
 
 
 @dataclass(frozen=True)
