@@ -182,10 +182,14 @@ def lags(trainer: FakeTrainer) -> list[int]:
 def test_admission_respects_the_staleness_budget(tokenizer, eta):
     steps = 6
     controller, *_ = make_controller(tokenizer, eta=eta, generate_batch=4 * B)
-    admitted = [r.metrics["store/admitted"] for r in controller.run(steps)]
-    # When step s is trained (at version s - 1) at most (s - 1 + η + 1)·B samples were admitted: η = 0 admits a
-    # batch only once the previous one is trained; never more than steps·B in all.
-    assert admitted == [min(s + eta, steps) * B for s in range(1, steps + 1)]
+    admitted, trained = [], []
+    for r in controller.run(steps):
+        admitted.append(r.metrics["store/admitted"])
+        trained.append(sum(len(g) for g in r.groups))
+    # Once step s is trained (the version is now s) the next batch is admitted at once, up to (s + η + 1)·B samples
+    # in all: η = 0 admits a batch only once the previous one is trained; never more than steps·B in all.
+    assert admitted == [min(s + eta + 1, steps) * B for s in range(1, steps + 1)]
+    assert trained == [B] * steps
 
 
 @pytest.mark.parametrize("eta", [0, 1, 2, 3])

@@ -3,7 +3,7 @@ from collections import deque
 
 import pytest
 
-from rollflow.runtime.staleness import StageTimes, StalenessBudget, choose_staleness
+from rollflow.runtime.staleness import StageTimes, StalenessBudget, StalenessTuner, choose_staleness
 
 
 class FakeVersionClock:
@@ -120,25 +120,56 @@ def times(produce, score, train, step, n=3):
 
 
 def test_auto_keeps_synchronous_when_cpu_bound_stages_would_only_share_the_cores():
-    eta, reason = choose_staleness(times(0.35, 0.02, 0.4, 0.92), split=2.0)
-    assert eta == 0
-    assert reason.startswith("synchronous step 0.920 s = produce 0.350 + score 0.020 + train 0.400 + other 0.150")
-    assert "overlap predicted no faster (0.950 s at η=1" in reason  # max(0.7, 0.8, 0.36) + 0.15
+    choice = choose_staleness(times(0.35, 0.02, 0.4, 0.92), split=2.0)
+    assert (choice.eta, choice.synchronous) == (0, 0.92)
+    assert choice.predicted == pytest.approx(0.95)  # max(0.7, 0.8, 0.36) + other 0.15
+    assert choice.reason == ("synchronous step 0.920 s = produce 0.350 + score 0.020 + train 0.400 + other 0.150; "
+                             "overlap predicted 0.950 s at η=1 (cores split 2.0×)")
 
 
 def test_auto_overlaps_slow_rewards_and_picks_the_eta_that_hides_them():
     # scoring 1.5 s per step: η=1 predicts max(0.6, 0.6, 2.1/2) + 0.1 = 1.15 s, η=2 predicts 0.8 s; sync is 2.2 s.
-    eta, reason = choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0)
-    assert eta == 2
-    assert reason.endswith("overlapped at η=2 predicted 0.800 s")
-    assert choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0, max_eta=1)[0] == 1
+    choice = choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0)
+    assert choice.eta == 2 and choice.predicted == pytest.approx(0.8)
+    assert choice.reason.endswith("overlapped at η=2 predicted 0.800 s")
+    assert choose_staleness(times(0.3, 1.5, 0.3, 2.2), split=2.0, max_eta=1).eta == 1
 
 
 def test_auto_prefers_the_smallest_eta_within_five_percent_of_the_best():
     # split 1 (rollout and trainer on their own devices): η=1 predicts max(0.3, 0.3, 0.35/2) = 0.3, as good as η=2.
-    assert choose_staleness(times(0.3, 0.05, 0.3, 0.65), split=1.0)[0] == 1
+    assert choose_staleness(times(0.3, 0.05, 0.3, 0.65), split=1.0).eta == 1
 
 
 def test_auto_averages_the_measured_steps():
     samples = [StageTimes(0.3, 0.0, 0.3, 0.7), StageTimes(0.3, 3.0, 0.3, 3.7)]  # mean scoring 1.5 s: slow rewards
-    assert choose_staleness(samples, split=2.0)[0] == 2
+    assert choose_staleness(samples, split=2.0).eta == 2
+
+
+def feed(tuner, samples):
+    return [tuner.observe(t) for t in samples]
+
+
+def test_tuner_switches_at_once_on_a_clear_gain():
+    tuner = StalenessTuner(steps=3, split=2.0)
+    assert feed(tuner, times(0.3, 1.5, 0.3, 2.2)) == [None, None, 2]
+    assert tuner.settled and tuner.eta == 2 and tuner.reason.endswith("predicted 0.800 s")
+    assert tuner.observe(StageTimes(0.3, 1.5, 0.3, 0.8)) is None  # settled: nothing changes any more
+
+
+def test_tuner_stays_synchronous_on_a_clear_loss():
+    tuner = StalenessTuner(steps=2, split=2.0)
+    assert feed(tuner, times(0.2, 0.0, 0.8, 1.0, n=2)) == [None, None]  # predicts 1.6 s > 1.5 × 1.0 s
+    assert tuner.settled and tuner.eta == 0
+
+
+@pytest.mark.parametrize("trial_step, kept", [(0.70, True), (0.85, False)])
+def test_tuner_tries_eta_one_when_the_model_cannot_tell_and_keeps_the_faster(trial_step, kept):
+    tuner = StalenessTuner(steps=3, split=2.0)
+    # sync 0.8 s; predicted max(0.4, 0.8, 0.2) + other 0.2 = 1.0 s: between 0.9 × and 1.5 × 0.8 s, undecided
+    assert feed(tuner, times(0.2, 0.0, 0.4, 0.8)) == [None, None, 1]
+    assert not tuner.settled and tuner.eta == 1
+    fill = StageTimes(0.2, 0.0, 0.8, 1.5)  # the first overlapped step fills the pipeline: not measured
+    assert feed(tuner, [fill, *times(0.2, 0.0, 0.8, trial_step)]) == [None, None, None, None if kept else 0]
+    assert tuner.settled and tuner.eta == (1 if kept else 0)
+    assert tuner.reason.endswith(f"tried η=1: {trial_step:.3f} s a step against 0.800 s synchronous, "
+                                 + ("kept" if kept else "back to η=0"))

@@ -379,8 +379,9 @@ class RuntimeConfig(Section):
     (one node, the larger role's CPUs) and take turns on it."""
     staleness: int | Literal["auto"] = "auto"
     """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous). 'auto': start
-    synchronous, measure generation, scoring and training over the first runtime.auto_steps steps, then keep η = 0
-    or move to the η the measured costs and cores favour (logged with its reason; see docs/architecture.md)."""
+    synchronous, measure generation, scoring and training over the first runtime.auto_steps steps, then keep η = 0,
+    move to the η the measured costs and cores favour, or (when the prediction is unclear) try η = 1 for as many
+    steps and keep the faster; the choice is logged with its reason (see docs/architecture.md)."""
     auto_steps: int = Field(3, ge=1)
     """Steps measured before staleness=auto settles η."""
     torch_threads: int = Field(2, ge=1)

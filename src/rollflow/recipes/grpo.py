@@ -43,7 +43,7 @@ from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.roles import ReferenceWorker, RewardWorker, TrainerWorker
 from rollflow.runtime.rollout import Limits, RolloutWorker
 from rollflow.runtime.stage import Stage
-from rollflow.runtime.staleness import StageTimes, StalenessBudget, choose_staleness
+from rollflow.runtime.staleness import StageTimes, StalenessBudget, StalenessTuner
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
 from rollflow.runtime.tracking import Tracker
@@ -290,39 +290,46 @@ def build_pipeline(config: Config, workers: Workers, task: Task, version: int, t
 
 
 class AutoStaleness:
-    """``runtime.staleness=auto``: the run starts synchronous; after ``auto_steps`` steps the measured stage times
-    choose η (``runtime.staleness.choose_staleness``), and the workers' threads follow it."""
+    """``runtime.staleness=auto`` in a run: feeds each step's measured stage times to a ``StalenessTuner`` and makes
+    the workers follow the η it picks (threads per ``role_threads``, the controller's bound)."""
 
     def __init__(self, config: Config, controller: Controller, workers: Workers) -> None:
         rt = config.runtime
-        self.active = rt.staleness == "auto"
         self.runtime, self.controller, self.workers = rt, controller, workers
-        self.samples: list[StageTimes] = []
-        self.chosen: int | None = None if self.active else int(rt.staleness)
-        self.reason = "configured" if not self.active else ""
+        n = cores(rt)
+        self.tuner = StalenessTuner(rt.auto_steps, split=n / max(1, n // 2)) if rt.staleness == "auto" else None
+        self.last_finished: float | None = None
 
-    def observe(self, result: StepResult, step_seconds: float) -> str | None:
-        """Record a step; returns the decision's one-line log when it is taken."""
-        if self.chosen is not None:
-            return None
-        m = result.metrics
-        score = max(m.get(f"time/{REWARD}", 0.0), m.get(f"time/{REFERENCE}", 0.0))  # side by side
-        self.samples.append(StageTimes(m.get(f"time/{TRAJECTORY}", 0.0), score,
-                                       result.train.finished - result.train.started, step_seconds))
-        if len(self.samples) < self.runtime.auto_steps:
+    @property
+    def chosen(self) -> int | None:
+        """The η the run settled on (as configured, if not auto; None while auto is still measuring)."""
+        if self.tuner is None:
+            return int(self.runtime.staleness)
+        return self.tuner.eta if self.tuner.settled else None
+
+    @property
+    def reason(self) -> str:
+        return "configured" if self.tuner is None else self.tuner.reason
+
+    def observe(self, result: StepResult) -> str | None:
+        """Record a step; returns the decision's one-line log when η is settled."""
+        train = result.train
+        step = train.finished - (self.last_finished if self.last_finished is not None else train.started)
+        self.last_finished = train.finished
+        if self.tuner is None or self.tuner.settled:
             return None
         if self.runtime.backend == "inline":
-            self.chosen, self.reason = 0, "the inline backend runs one call at a time, so stages cannot overlap"
-        else:
-            n = cores(self.runtime)
-            split = n / max(1, n // 2)  # how much slower a CPU-bound stage may run on its share of the cores
-            self.chosen, self.reason = choose_staleness(self.samples, split)
-        if self.chosen > 0:
-            rollout_threads, trainer_threads = role_threads(self.runtime, self.chosen)
+            self.tuner.settled, self.tuner.reason = True, "the inline backend runs one call at a time: stages cannot overlap"
+            return f"runtime.staleness=auto: η=0 ({self.tuner.reason})"
+        m = result.metrics
+        score = max(m.get(f"time/{REWARD}", 0.0), m.get(f"time/{REFERENCE}", 0.0))  # side by side
+        eta = self.tuner.observe(StageTimes(m.get(f"time/{TRAJECTORY}", 0.0), score, train.finished - train.started, step))
+        if eta is not None:
+            rollout_threads, trainer_threads = role_threads(self.runtime, eta)
             self.workers.rollout.set_threads(rollout_threads)
             self.workers.trainer.set_threads(trainer_threads)
-            self.controller.set_staleness(self.chosen)
-        return f"runtime.staleness=auto: η={self.chosen} ({self.reason})"
+            self.controller.set_staleness(eta)
+        return f"runtime.staleness=auto: η={self.tuner.eta} ({self.tuner.reason})" if self.tuner.settled else None
 
 
 def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int) -> None:
@@ -423,7 +430,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 now = time.perf_counter()
                 elapsed, last = now - last, now
                 record = step_record(result, elapsed)
-                if (note := auto.observe(result, elapsed)) is not None:
+                if (note := auto.observe(result)) is not None:
                     tracker.note(note)
                 if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                     acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)

@@ -151,6 +151,11 @@ class Controller:
                     self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
                 self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
                 self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
+                # Start the next batch before handing the step to the recipe (its logging, an evaluation), so that
+                # with η = 0 the producers need not wait for it.
+                self._admit(total)
+                for stage in self.stages.values():
+                    self._dispatch(stage)
                 yield self._step_result(trained, info.groups, result, last_step_end)
                 last_step_end = result.finished
 

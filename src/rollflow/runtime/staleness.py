@@ -65,8 +65,18 @@ class StageTimes:
     step: float
 
 
-def choose_staleness(samples: list[StageTimes], split: float, max_eta: int = 2, margin: float = 0.9) -> tuple[int, str]:
-    """The η that measured synchronous steps favour, and why, in one line.
+@dataclass(frozen=True)
+class Choice:
+    """What ``choose_staleness`` decided, the figures it decided from, and why, in one line."""
+
+    eta: int
+    predicted: float  # the overlapped step predicted at the best η > 0
+    synchronous: float  # the measured synchronous step
+    reason: str
+
+
+def choose_staleness(samples: list[StageTimes], split: float, max_eta: int = 2, margin: float = 0.9) -> Choice:
+    """The η that measured synchronous steps favour.
 
     A synchronous step takes ``step`` = produce + score + train + other, where ``other`` is what no stage's busy
     time covers (dispatch, weight publishing and pick-up, call overheads), and is paid overlapped or not.
@@ -91,5 +101,53 @@ def choose_staleness(samples: list[StageTimes], split: float, max_eta: int = 2, 
     measured = (f"synchronous step {step:.3f} s = produce {produce:.3f} + score {score:.3f} + train {train:.3f} "
                 f"+ other {other:.3f}")
     if predicted[eta] < margin * step:
-        return eta, f"{measured}; overlapped at η={eta} predicted {predicted[eta]:.3f} s"
-    return 0, f"{measured}; overlap predicted no faster ({predicted[eta]:.3f} s at η={eta}, cores split {split:.1f}×)"
+        return Choice(eta, predicted[eta], step, f"{measured}; overlapped at η={eta} predicted {predicted[eta]:.3f} s")
+    return Choice(0, predicted[eta], step, f"{measured}; overlap predicted {predicted[eta]:.3f} s at η={eta} "
+                                           f"(cores split {split:.1f}×)")
+
+
+class StalenessTuner:
+    """``runtime.staleness=auto``: settles η from measured steps. Fed every step's ``StageTimes`` (``observe``), it
+    returns the η to switch to when it changes, and sets ``settled`` (and ``reason``) once η is final.
+
+    1. ``steps`` synchronous steps are measured and ``choose_staleness`` predicts the overlapped step.
+    2. A clear gain (the prediction under ``margin`` × the synchronous step) switches at once; a clear loss (over
+       ``try_below`` ×) stays synchronous. In between the model cannot tell: how well each stage's threads scale and
+       how much of the overheads overlap are machine-specific (on this machine the model overestimated an
+       overlapped step by about a quarter: generation is Python-bound and barely slows on fewer threads, and the
+       dispatch and pick-up overheads overlap with training). So η = 1 is tried: one step to fill the pipeline,
+       then ``steps`` measured steps, and the faster of the two measured modes is kept."""
+
+    def __init__(self, steps: int, split: float, max_eta: int = 2, margin: float = 0.9, try_below: float = 1.5) -> None:
+        self.steps, self.split, self.max_eta, self.margin, self.try_below = steps, split, max_eta, margin, try_below
+        self.sync: list[StageTimes] = []
+        self.trial: list[StageTimes] = []
+        self.eta, self.settled, self.reason = 0, False, ""
+        self._fill = 1  # trial steps left unmeasured while the pipeline fills
+
+    def observe(self, t: StageTimes) -> int | None:
+        if self.settled:
+            return None
+        if self.eta == 0:
+            self.sync.append(t)
+            if len(self.sync) < self.steps:
+                return None
+            choice = choose_staleness(self.sync, self.split, self.max_eta, self.margin)
+            self.reason = choice.reason
+            if choice.eta > 0 or choice.predicted > choice.synchronous * self.try_below:
+                self.settled, self.eta = True, choice.eta
+                return choice.eta or None
+            self.eta = 1  # the model cannot tell: measure η = 1
+            return 1
+        if self._fill:
+            self._fill -= 1
+            return None
+        self.trial.append(t)
+        if len(self.trial) < self.steps:
+            return None
+        sync, trial = (sum(s.step for s in xs) / len(xs) for xs in (self.sync, self.trial))
+        keep = trial < sync
+        self.settled, self.eta = True, 1 if keep else 0
+        self.reason += (f"; tried η=1: {trial:.3f} s a step against {sync:.3f} s synchronous, "
+                        f"{'kept' if keep else 'back to η=0'}")
+        return None if keep else 0
