@@ -136,3 +136,20 @@ def test_kl_and_critic_run_on_ray_with_a_reference_actor(local_ray, tmp_path):
     tracks = {e["args"]["name"] for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
               if e.get("name") == "thread_name"}
     assert "reference/0" in tracks
+
+
+@pytest.mark.slow
+def test_auto_staleness_overlaps_slow_rewards_and_says_why(local_ray, tmp_path):
+    # Rewards that sleep ~0.3 s each, scored a group per call: a synchronous step waits on them; overlapping hides it.
+    overrides = [o for o in RAY if not o.startswith(("runtime.staleness", "train.steps"))] + [
+        "runtime.staleness=auto", "runtime.auto_steps=2", "train.steps=5", "reward_latency.median=0.3",
+        "reward_latency.sigma=0.1", "reward_latency.max=0.5", f"run_dir={tmp_path}",
+    ]
+    run = rollflow.train(rollflow.load_config(overrides=overrides))
+    summary, metrics = run.summary, [m for m in lines(run.run_dir / "metrics.jsonl") if m["step"] > 0]
+    # steps 2 and 3 are measured synchronously (step 1 has no start to measure from); η is settled after step 3
+    assert [m["staleness/eta"] for m in metrics[:3]] == [0.0, 0.0, 0.0]
+    assert summary["staleness_chosen"] == 2 and metrics[-1]["staleness/eta"] == 2.0
+    assert "overlapped at η=2 predicted" in summary["staleness_reason"]
+    assert (run.run_dir / "notes.log").read_text().startswith("runtime.staleness=auto: η=2 (synchronous step")
+    assert max(m["staleness/max"] for m in metrics) <= 2

@@ -313,17 +313,19 @@ class AutoStaleness:
 
     def observe(self, result: StepResult) -> str | None:
         """Record a step; returns the decision's one-line log when η is settled."""
-        train = result.train
-        step = train.finished - (self.last_finished if self.last_finished is not None else train.started)
+        train, last = result.train, self.last_finished
         self.last_finished = train.finished
         if self.tuner is None or self.tuner.settled:
             return None
         if self.runtime.backend == "inline":
             self.tuner.settled, self.tuner.reason = True, "the inline backend runs one call at a time: stages cannot overlap"
             return f"runtime.staleness=auto: η=0 ({self.tuner.reason})"
+        if last is None:
+            return None  # the first step has no start to measure from (the one before it ended before RL)
         m = result.metrics
         score = max(m.get(f"time/{REWARD}", 0.0), m.get(f"time/{REFERENCE}", 0.0))  # side by side
-        eta = self.tuner.observe(StageTimes(m.get(f"time/{TRAJECTORY}", 0.0), score, train.finished - train.started, step))
+        eta = self.tuner.observe(StageTimes(m.get(f"time/{TRAJECTORY}", 0.0), score, train.finished - train.started,
+                                            train.finished - last))
         if eta is not None:
             rollout_threads, trainer_threads = role_threads(self.runtime, eta)
             self.workers.rollout.set_threads(rollout_threads)
