@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip check
 	touch $@
 
-.PHONY: install train test
+.PHONY: install train test lint
 install: $(VENV)/.installed
 
 train: install
@@ -20,3 +20,6 @@ train: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks reference scripts

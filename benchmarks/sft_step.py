@@ -20,6 +20,7 @@ import torch
 import transformers
 from rich.console import Console
 from rich.table import Table
+from rollflow.runtime.batch import collate
 
 from rollflow.algos import sft_loss
 from rollflow.api import SamplingParams
@@ -28,7 +29,6 @@ from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, tiny_model
 from rollflow.engines.torch_train import TorchTrainEngine
 from rollflow.recipes.grpo import Tokens
-from rollflow.runtime.batch import collate
 from rollflow.tasks import build_task
 
 

@@ -5,8 +5,16 @@ import pytest
 import torch
 
 from rollflow.algos import ADVANTAGES as ADVANTAGE_ESTIMATORS
-from rollflow.algos import AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES, Registry
-from rollflow.algos import needs_proximal, policy_loss_fn, sft_loss
+from rollflow.algos import (
+    AGGREGATIONS,
+    CORRECTIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    Registry,
+    needs_proximal,
+    policy_loss_fn,
+    sft_loss,
+)
 from rollflow.algos.losses import (
     gspo,
     ppo_clip,

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from rollflow.algos.pg import PolicyGradientStep, normalised, reinforce_loss, returns_to_go
-from rollflow.api import StepBatch
-from rollflow.api import Fragment, SampleRow, Status, Trajectory
+from rollflow.api import Fragment, SampleRow, Status, StepBatch, Trajectory
 from rollflow.engines.policy import CategoricalMLP, TorchPolicyEngine, TorchPolicyTrainer, action_logprobs
 
 

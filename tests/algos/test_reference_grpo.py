@@ -1,22 +1,27 @@
 """rollflow's GRPO step computes the same numbers as the single-file reference, ``reference/grpo.py``.
 
-The framework path is the trainer's own: ``collate`` → ``token_logprobs`` → ``policy_loss_fn("ppo_clip",
-"token-mean")``, with advantages from ``ADVANTAGES.get("grpo")``. Both run on one float64 model, so any difference
-beyond rounding (a shifted column, a mask leaking padding, another aggregation) shows up far above the tolerance.
+The framework path is the trainer's own, end to end: store rows (trajectory and reward cells) →
+``TrainerWorker.train`` → ``algos.policy_step.TextPolicyStep`` (batch from the trajectories, group advantages,
+masking) → ``TorchTrainEngine.train_step`` → ``token_logprobs`` → the policy loss. Every group also holds a row
+hit by an infrastructure fault, which the reference never sees: it must take no part in any group statistic or in
+the loss. Both paths run on one float64 model, so any difference beyond rounding (a shifted column, a mask leaking
+padding or the faulty row, another aggregation) shows up far above the tolerance.
 """
 
 import importlib.util
 import runpy
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from rollflow.algos import ADVANTAGES, policy_loss_fn
+from rollflow.algos.policy_step import Algorithm, TextPolicyStep
+from rollflow.api import RewardCell, RewardResult, SampleRow, Status, Trajectory, TrajectoryCell
 from rollflow.engines.models import TinyModelSpec, char_tokenizer, tiny_model
-from rollflow.engines.torch_train import token_logprobs
-from rollflow.algos.batch import collate
+from rollflow.engines.torch_train import TorchTrainEngine
+from rollflow.runtime.roles import TrainerWorker
+from rollflow.runtime.weights import InlineWeightTransport
 
 REFERENCE = Path(__file__).resolve().parents[2] / "reference" / "grpo.py"
 _spec = importlib.util.spec_from_file_location("reference_grpo", REFERENCE)
@@ -56,23 +61,56 @@ def make_data(model, seed=0):
     return prompts, responses, rewards, old
 
 
-def framework_loss(model, prompts, responses, rewards, old, clip_low, clip_high, temperature):
-    """The trainer's path (runtime.roles.TrainerWorker.train → TorchTrainEngine.train_step), one minibatch."""
-    advantages = ADVANTAGES.get("grpo")(torch.tensor(rewards, dtype=torch.float64).view(G, N))
-    # collate fills its float columns in torch's default dtype (float32 in the trainer). Building them under a float64
-    # default keeps the float64 inputs exact, so the comparison measures the computation and not the inputs' rounding
-    # to float32 (which alone would leave a ~1e-8 gap); the replace below makes every column float64 either way.
+def trajectory(prompt, response, old):
+    return Trajectory(prompt + response, [0] * len(prompt) + [1] * len(response), [0.0] * len(prompt) + list(old),
+                      [-1] * len(prompt) + [0] * len(response), [], "")
+
+
+def row(uid, group, prompt, response, old, reward, status=Status.OK):
+    cells = {"trajectory": TrajectoryCell.of(trajectory(prompt, response, old)),
+             "reward": RewardCell(RewardResult(reward, status=status), 0.0)}
+    return SampleRow(uid, group, cells, {})
+
+
+class Recorded:
+    """The loss function, keeping what it returned."""
+
+    def __init__(self, loss_fn) -> None:
+        self.loss_fn, self.outputs = loss_fn, []
+
+    def __call__(self, logprobs, entropy, batch):
+        self.outputs.append(self.loss_fn(logprobs, entropy, batch))
+        return self.outputs[-1]
+
+
+def framework_step(model, prompts, responses, rewards, old, clip_low, clip_high, temperature):
+    """One step on the trainer's real path; returns the loss it computed and the gradients it stepped on.
+
+    Group g gets a faulty row (random tokens, reward 7, status infra_error) at position g. The engine steps with lr 0
+    and no effective clipping, so the model is unchanged and each parameter's ``.grad`` is the loss's gradient."""
+    gen = torch.Generator().manual_seed(1)
+    groups, uid = [], 0
+    for g in range(G):
+        members = [row(uid + k, g, prompts[i], responses[i], old[i], rewards[i]) for k, i in enumerate(range(g * N, g * N + N))]
+        junk = torch.randint(3, len(TOKENIZER), (5,), generator=gen).tolist()
+        members.insert(g, row(uid + N, g, prompts[g * N], junk, [-9.0] * 5, 7.0, Status.INFRA_ERROR))
+        groups.append(members)
+        uid += N + 1
+    loss = Recorded(policy_loss_fn("ppo_clip", "token-mean", clip_low=clip_low, clip_high=clip_high))
+    engine = TorchTrainEngine(model, lr=0.0, grad_clip=1e9, temperature=temperature)
+    trainer = TrainerWorker(engine, InlineWeightTransport(),
+                            TextPolicyStep(Algorithm(ADVANTAGES.get("grpo"), loss), TOKENIZER.pad_token_id))
+    # Under a float64 default every float column of the step's batch is float64, so the comparison measures the
+    # computation and not the inputs' rounding to float32 (which alone would leave a ~1e-8 gap).
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        batch = collate(prompts, responses, TOKENIZER.pad_token_id, old_logprobs=old,
-                        advantages=advantages.flatten().tolist(), versions=[[0] * len(r) for r in responses])
+        result = trainer.train(groups)
     finally:
         torch.set_default_dtype(before)
-    batch = replace(batch, **{k: getattr(batch, k).double()
-                              for k in ("old_logprobs", "behav_logprobs", "advantages", "response_mask")})
-    logprobs, entropy = token_logprobs(model, batch, temperature)
-    return policy_loss_fn("ppo_clip", "token-mean", clip_low=clip_low, clip_high=clip_high)(logprobs, entropy, batch)
+    [out] = loss.outputs
+    assert result.version == 1
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def grads(model, loss):
@@ -94,16 +132,16 @@ def test_framework_grpo_step_matches_reference(clip_low, clip_high, temperature)
 
     expected = ref.grpo_loss(model, prompts, responses, rewards, N, old, clip_low=clip_low, clip_high=clip_high,
                              temperature=temperature, pad_id=TOKENIZER.pad_token_id)
-    out = framework_loss(model, prompts, responses, rewards, old, clip_low, clip_high, temperature)
+    expected_grads = grads(model, expected)
+    out, actual_grads = framework_step(model, prompts, responses, rewards, old, clip_low, clip_high, temperature)
 
     assert out.loss.dtype == expected.dtype == torch.float64
     assert out.metrics["clip_frac"] > 0, "no token was clipped: the test would not exercise the clip"
     gap = abs(out.loss.item() - expected.item())
     assert gap < ATOL, f"loss: framework {out.loss.item()} vs reference {expected.item()} (gap {gap:.1e})"
-    expected_grads, actual_grads = grads(model, expected), grads(model, out.loss)
     assert any(g.abs().max() > 0 for g in expected_grads.values())
     for name, g in expected_grads.items():
-        torch.testing.assert_close(actual_grads[name], g, atol=ATOL, rtol=0, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(actual_grads[name], g, atol=ATOL, rtol=0, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("shape", [(5, 4), (3, 1)])

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
+from rollflow.algos.batch import collate
 from rollflow.api import SamplingParams, VersionedWeights
 from rollflow.engines.hf_inference import HFInferenceEngine, top_p_filter
 from rollflow.engines.torch_train import token_logprobs
-from rollflow.algos.batch import collate
 
 TEXTS = ["1+2=", "12+345=", "9"]  # different lengths: the batch is left-padded to the longest
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from rollflow.algos import sft_loss
+from rollflow.algos.batch import collate
 from rollflow.api import LossOutput
 from rollflow.engines.torch_train import TorchTrainEngine, token_logprobs
-from rollflow.algos.batch import collate
 
 
 def encode(tokenizer, text):

@@ -5,6 +5,20 @@ fakes of ``test_controller``."""
 import time
 
 import pytest
+from test_controller import (
+    COLUMNS,
+    REWARD,
+    TASK,
+    TRAJECTORY,
+    B,
+    FakeReward,
+    FakeRollout,
+    FakeTrainer,
+    N,
+    P,
+    Policy,
+    problems,
+)
 
 from rollflow.api import Column, Reject, RewardCell, RewardResult, Status
 from rollflow.recipes.grpo import has_signal
@@ -14,7 +28,6 @@ from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.stage import Produced, Stage, StageOutput
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
-from test_controller import B, COLUMNS, N, P, REWARD, TASK, TRAJECTORY, FakeReward, FakeRollout, FakeTrainer, Policy, problems
 
 REFERENCE = "reference"
 
@@ -121,6 +134,15 @@ def test_a_rejected_group_is_dropped_and_replaced(tokenizer):
     assert trained == [0, 2, 3, 4]  # group 1 never trained; group 4 took its place in the budget
     assert c.rejected_groups == 1 and store.counts()["dropped"] == N
     assert c.budget.admitted == 2 * B
+
+
+def test_a_workflow_that_rejects_everything_stops_the_run_with_a_message(tokenizer):
+    policy = Policy()
+    rollout = RejectingRollout(tokenizer, policy, reject=range(10**6))
+    c, trainer, _ = controller(tokenizer, FakeReward(), rollout=rollout, policy=policy)
+    with pytest.raises(RuntimeError, match=r"rejected 201 groups since the last train step .*check its Reject conditions"):
+        list(c.run(1))
+    assert trainer.steps == []
 
 
 def test_reference_column_is_filled_for_every_trained_row(tokenizer):

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from test_controller import B, COLUMNS, N, P, REWARD, TASK, TRAJECTORY, FakeReward, FakeRollout, Policy, problems
+from test_controller import COLUMNS, REWARD, TASK, TRAJECTORY, B, FakeReward, FakeRollout, N, P, Policy, problems
 from test_controller_stages import REFERENCE, FakeReference
 
 from rollflow.algos import ADVANTAGES, policy_loss_fn, proximal, signal_share, value_loss_fn

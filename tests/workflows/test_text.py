@@ -131,3 +131,21 @@ def test_two_turn_workflow(tokenizer, make_model, backend_name):
         backend.shutdown()
     check_out_of_order(results)
     assert [r.train.version for r in results] == [1, 2, 3]  # one optimizer version per step
+
+
+def test_single_turn_tokenises_a_prompt_once_per_group_and_keeps_the_last_prompts(tokenizer):
+    from rollflow.workflows import SingleTurn
+
+    calls = []
+
+    class Counting(Tokens):
+        def prompt(self, text):
+            calls.append(text)
+            return super().prompt(text)
+
+    workflow = SingleTurn(Counting(tokenizer), SamplingParams(), cache=2)
+    ids = [workflow.prompt_ids(t) for t in ("1+2=", "1+2=", "3+4=", "5+6=", "1+2=")]
+    assert ids[0] == ids[1] == ids[4] == Tokens(tokenizer).prompt("1+2=")
+    assert calls == ["1+2=", "3+4=", "5+6=", "1+2="]  # the third prompt pushed the first out of the cache
+    ids[0].append(99)
+    assert workflow.prompt_ids("1+2=") == ids[4]  # callers get their own list

@@ -57,10 +57,10 @@ class TextPolicyStep:
         rows = [r for g in groups for r in g]
         trajectories = [r["trajectory"] for r in rows]
         usable = torch.tensor([r.status is not Status.INFRA_ERROR for r in rows])  # (B,)
-        rewards = torch.tensor([r["reward"].result.reward for r in rows], dtype=torch.float)  # (B,)
+        rewards = torch.tensor([float(r["reward"].result.reward) for r in rows])  # (B,)
         metrics: dict[str, float] = {}
         if algo.shape is not None:
-            shaped = algo.shape(rewards, torch.tensor([t.size for t in trajectories], dtype=torch.float))
+            shaped = algo.shape(rewards, torch.tensor([float(t.size) for t in trajectories]))
             metrics["reward/shaping"] = (shaped - rewards)[usable].mean().item() if usable.any() else 0.0
             rewards = shaped
 
@@ -69,7 +69,7 @@ class TextPolicyStep:
             batch.ref_logprobs = torch.zeros_like(batch.old_logprobs)
             for i, r in enumerate(rows):
                 batch.ref_logprobs[i, : len(r["reference"])] = torch.tensor(r["reference"])
-        batch.response_mask *= usable[:, None].float()
+        batch.response_mask *= usable[:, None]
         mask = batch.response_mask  # (B, T)
 
         kl = None

@@ -39,7 +39,8 @@ class TrainBatch:
     @classmethod
     def from_trajectories(cls, trajectories: Sequence[Trajectory], pad_id: int) -> TrainBatch:
         """Row i is trajectory i's tokens exactly as produced, right-padded; the loss mask, behaviour log-probs
-        (also π_old until a trainer recomputes it) and versions are its per-token columns; advantages are 0."""
+        (also π_old until a trainer recomputes it) and versions are its per-token columns; advantages are 0. Float
+        columns take torch's default dtype."""
         B, T = len(trajectories), max(len(t.tokens) for t in trajectories)
         ids = torch.full((B, T), pad_id, dtype=torch.long)
         attn = torch.zeros((B, T), dtype=torch.long)
@@ -49,8 +50,8 @@ class TrainBatch:
             n = len(t.tokens)
             ids[i, :n] = torch.tensor(t.tokens, dtype=torch.long)
             attn[i, :n] = 1
-            mask[i, :n] = torch.tensor(t.loss_mask, dtype=torch.float)
-            logp[i, :n] = torch.tensor(t.logprobs, dtype=torch.float)
+            mask[i, :n] = torch.tensor(t.loss_mask, dtype=mask.dtype)
+            logp[i, :n] = torch.tensor(t.logprobs, dtype=logp.dtype)
             ver[i, :n] = torch.tensor(t.versions, dtype=torch.long)
         return cls(ids, attn, mask, logp, logp.clone(), torch.zeros((B, T)), ver)
 

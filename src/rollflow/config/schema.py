@@ -11,9 +11,7 @@ Batch sizes have one meaning each, defined here and nowhere else:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -349,7 +347,7 @@ class RolloutRoleConfig(RoleConfig):
     """Most groups per rollout call; a call's groups enter the store when its last episode finishes. Single-turn
     episodes batched together finish together anyway, and fewer calls cost less; 1 suits workflows whose episodes
     take variable time (each group enters the store as soon as it is done)."""
-    gather_s: float = Field(0.005, ge=0.0)
+    gather_s: float = Field(0.002, ge=0.0)
     """An engine batch starts once no new request arrived for this long (at most 50 ms after its first request):
     requests sent together, e.g. a step's groups, then share one batch. 0: start at once."""
 

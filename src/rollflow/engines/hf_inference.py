@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rollflow.api import Generation, SamplingParams, VersionedWeights
+from rollflow.api import Generation, SamplingParams
 from rollflow.engines.models import VersionedEngine
 
 

@@ -6,10 +6,10 @@ It is given the loss function; it knows nothing of RL. FSDP or DeepSpeed engines
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel
-
-from collections.abc import Callable
 
 from rollflow.api import LossFn, LossOutput, StepBatch, TrainBatch, VersionedWeights
 from rollflow.engines.models import VersionedEngine

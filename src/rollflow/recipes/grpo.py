@@ -24,12 +24,28 @@ import torch
 import transformers
 
 from rollflow.algos import (
-    ADVANTAGES, CORRECTIONS, kl_penalty_rewards, overlong_penalty, policy_loss_fn, proximal, sft_loss, signal_share, value_loss_fn,
+    ADVANTAGES,
+    CORRECTIONS,
+    kl_penalty_rewards,
+    overlong_penalty,
+    policy_loss_fn,
+    proximal,
+    sft_loss,
+    signal_share,
+    value_loss_fn,
 )
 from rollflow.algos.batch import collate
 from rollflow.algos.policy_step import Algorithm, TextPolicyStep
 from rollflow.api import (
-    Column, Problem, RewardFn, RewardResult, SampleRow, SamplingParams, Status, Task, TrajectoryCell,
+    Column,
+    Problem,
+    RewardFn,
+    RewardResult,
+    SampleRow,
+    SamplingParams,
+    Status,
+    Task,
+    TrajectoryCell,
 )
 from rollflow.config import Config, dump_config
 from rollflow.config.schema import RuntimeConfig
@@ -335,15 +351,21 @@ class AutoStaleness:
 
 
 def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int) -> None:
-    """Supervised warm start on reference solutions, lr decayed linearly to zero."""
+    """Supervised warm start on reference solutions, lr decayed linearly to zero. The next batch is tokenised while
+    the trainer trains on this one."""
     stream = task.train_problems(config.seed + 1)
-    for step in range(config.sft.steps):
-        trainer.set_lr(config.sft.lr * (1 - step / config.sft.steps))
+
+    def batch() -> Any:
         problems: list[Problem] = [next(stream) for _ in range(config.sft.batch_size)]
-        batch = collate([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], pad_id)
-        m = trainer.sft(batch, sft_loss)
-        if (step + 1) % 50 == 0 or step == config.sft.steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
-            tracker.log_step(step + 1 - config.sft.steps, {"sft/loss": m["loss"]}, advance=(step % 50) + 1)
+        return collate([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], pad_id)
+
+    steps, upcoming = config.sft.steps, batch()
+    for step in range(steps):
+        call = trainer.submit(0, "sft", upcoming, sft_loss, config.sft.lr * (1 - step / steps))
+        upcoming = batch() if step + 1 < steps else None
+        m = trainer.backend.result(call)
+        if (step + 1) % 50 == 0 or step == steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
+            tracker.log_step(step + 1 - steps, {"sft/loss": m["loss"]}, advance=(step % 50) + 1)
 
 
 def step_record(result: StepResult, elapsed: float) -> dict[str, Any]:

@@ -107,6 +107,8 @@ class Controller:
         self.spans: dict[str, list[tuple[float, float]]] = {name: [] for name in [*self.stages, TRAIN]}
         self._mark = dict.fromkeys(self.stages, 0)  # spans already counted in an earlier step's metrics
         self._dropped_this_step = 0
+        self._rejected_this_step = 0
+        self.max_rejected = 100 * groups_per_step  # rejects in a row before the run stops as unable to fill a step
         self._next_group = 0
         self._retries: dict[int, int] = {}  # uid → infra retries so far
         self._calls: dict[Any, _Call] = {}
@@ -143,7 +145,7 @@ class Controller:
                     continue
                 result: TrainResult = self.backend.result(call)
                 self._training = False
-                self._dropped_this_step = 0
+                self._dropped_this_step = self._rejected_this_step = 0
                 trained += 1
                 self.version = result.version
                 self.spans[TRAIN].append((result.started, result.finished))
@@ -236,6 +238,11 @@ class Controller:
             self._rejected.discard(gid)
             self.budget.release(self.store.drop_group(gid))
             self.rejected_groups += 1
+            self._rejected_this_step += 1
+            if self._rejected_this_step > self.max_rejected:
+                raise RuntimeError(f"the rollout workflow rejected {self._rejected_this_step} groups since the last "
+                                   f"train step (the last: group {gid}); a workflow that rejects nearly every task "
+                                   f"instance would never fill a step: check its Reject conditions")
             return
         if self.keep_group is None or self._dropped_this_step >= self.max_dropped or self.store.complete_group(uids[0]) is None:
             return

@@ -16,8 +16,17 @@ from typing import Any
 import torch
 
 from rollflow.api import (
-    CriticEngine, LossFn, RewardCell, RewardResult, SampleRow, ScoringEngine, TrainBatch, TrainEngine, TrainStep,
-    TrajectoryCell, WeightTransport,
+    CriticEngine,
+    LossFn,
+    RewardCell,
+    RewardResult,
+    SampleRow,
+    ScoringEngine,
+    TrainBatch,
+    TrainEngine,
+    TrainStep,
+    TrajectoryCell,
+    WeightTransport,
 )
 from rollflow.runtime.backend import LocalPayloads, Payloads
 from rollflow.runtime.group import Mode, dispatch
@@ -108,8 +117,10 @@ class TrainerWorker:
                 for g in groups]
 
     @dispatch(Mode.FIRST)
-    def sft(self, batch: TrainBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One supervised step on a batch (one update); does not publish."""
+    def sft(self, batch: TrainBatch, loss_fn: LossFn, lr: float | None = None) -> dict[str, float]:
+        """One supervised step on a batch (one update, at ``lr`` if given); does not publish."""
+        if lr is not None:
+            self.engine.set_lr(lr)  # type: ignore[attr-defined]
         return self.engine.train_step(batch, loss_fn, 1, 1)
 
     @dispatch(Mode.FIRST)

@@ -24,7 +24,14 @@ from typing import Any, TypeVar
 import torch
 
 from rollflow.api import (
-    Generation, InfraError, Reject, RolloutWorkflow, SamplingParams, Status, TrajectoryBuilder, TrajectoryCell,
+    Generation,
+    InfraError,
+    Reject,
+    RolloutWorkflow,
+    SamplingParams,
+    Status,
+    TrajectoryBuilder,
+    TrajectoryCell,
     WeightTransport,
 )
 from rollflow.runtime.backend import LocalPayloads, Payloads

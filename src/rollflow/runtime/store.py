@@ -142,12 +142,6 @@ class SampleStore:
         with self._lock:
             return uid in self._rows
 
-    def peek(self, uid: int, column: str) -> Any:
-        """Row ``uid``'s ``column``, or None if the row lacks it or has left the store (consumed or dropped)."""
-        with self._lock:
-            row = self._rows.get(uid)
-            return row.cells.get(column) if row is not None else None
-
     def cells(self, uid: int) -> dict[str, Any]:
         """Every column row ``uid`` has, by name."""
         with self._lock:

@@ -29,13 +29,22 @@ class Tokens:
 
 
 class SingleTurn:
-    """The prompt, one sampled response; a reward stage scores its text."""
+    """The prompt, one sampled response; a reward stage scores its text. A group's episodes share their prompt, so
+    its ids are computed once (the last ``cache`` prompts are kept)."""
 
-    def __init__(self, tokens: Tokens, params: SamplingParams) -> None:
-        self.tokens, self.params = tokens, params
+    def __init__(self, tokens: Tokens, params: SamplingParams, cache: int = 4096) -> None:
+        self.tokens, self.params, self.cache = tokens, params, cache
+        self._ids: dict[str, list[int]] = {}
+
+    def prompt_ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            if len(self._ids) >= self.cache:
+                self._ids.pop(next(iter(self._ids)))  # the oldest prompt
+            self._ids[text] = self.tokens.prompt(text)
+        return list(self._ids[text])
 
     async def run(self, task: Problem, ctx: EpisodeContext) -> Trajectory:
-        ctx.trajectory.prompt(self.tokens.prompt(task.prompt))
+        ctx.trajectory.prompt(self.prompt_ids(task.prompt))
         started = time.time()
         generation = await ctx.engine.generate(ctx.trajectory.tokens, self.params)
         ctx.trajectory.model(generation, started)
