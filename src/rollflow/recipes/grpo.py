@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import inspect
 import os
 import random
@@ -446,6 +447,9 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             if workers.reference is not None:
                 workers.reference.freeze()  # the reference is the policy RL starts from (published just above)
 
+            # Everything built so far (torch, transformers, the model) lives until the end: keep it out of the
+            # cyclic collector's scans, whose full passes over it otherwise stall a step now and then.
+            gc.freeze()
             controller = build_pipeline(config, workers, train_task, trainer.version(), tracer)
             auto = AutoStaleness(config, controller, workers)
             acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import os
 import sys
@@ -55,6 +56,7 @@ class _Host:
             self.worker = factory()
         except Exception as e:
             self.error = str(WorkerStartError.from_error(name, e))
+        gc.freeze()  # the worker's model and libraries live as long as the actor: no need to scan them every full pass
 
     def start_error(self) -> str | None:
         return self.error
