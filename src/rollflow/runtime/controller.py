@@ -130,9 +130,7 @@ class Controller:
         self.started = time.time()
         last_step_end = self.started
         while trained < steps:
-            self._admit(total)
-            for stage in self.stages.values():
-                self._dispatch(stage)
+            self._feed(total)
             if not self._training:
                 self._maybe_train(last_step_end)
             if not self._calls:
@@ -155,11 +153,15 @@ class Controller:
                 self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
                 # Start the next batch before handing the step to the recipe (its logging, an evaluation), so that
                 # with η = 0 the producers need not wait for it.
-                self._admit(total)
-                for stage in self.stages.values():
-                    self._dispatch(stage)
+                self._feed(total)
                 yield self._step_result(trained, info.groups, result, last_step_end)
                 last_step_end = result.finished
+
+    def _feed(self, total: int) -> None:
+        """Admit what the budget allows, then give every stage the rows waiting for it."""
+        self._admit(total)
+        for stage in self.stages.values():
+            self._dispatch(stage)
 
     def _admit(self, total: int) -> None:
         rl_version = self.version - self.version0
@@ -176,10 +178,10 @@ class Controller:
         groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._rejected]
         if not stage.whole_groups:
             groups = [[u] for g in groups for u in g]
-        free = sum(calls < stage.calls_per_worker for calls, _ in load)
-        if not groups or not free:
+        open_workers = sum(calls < stage.calls_per_worker for calls, _ in load)
+        if not groups or not open_workers:
             return
-        per_call = min(stage.groups_per_call, -(-len(groups) // free))
+        per_call = min(stage.groups_per_call, -(-len(groups) // open_workers))
         for k in range(0, len(groups), per_call):
             free = [i for i in range(len(stage.group)) if load[i][0] < stage.calls_per_worker]
             if not free:
