@@ -11,6 +11,10 @@ Batch sizes have one meaning each, defined here and nowhere else:
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -233,11 +237,6 @@ class AlgoConfig(Section):
         """Refuse a field moved from its default that the chosen parts ignore: it would silently change nothing.
         Judged against the default rather than the fields given, so that a run's config.yaml, which lists every
         field, loads again."""
-        import ast
-        import inspect
-        import textwrap
-        from collections.abc import Callable
-
         def reads(*params: str) -> Callable[[Callable[..., Any]], bool]:
             """Whether a part takes one of ``params`` and its body reads it. Some parts take a config field only so
             that every part of their kind can be called alike, and ignore it (``reinforce`` takes ``clip_low``, every
