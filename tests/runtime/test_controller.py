@@ -266,8 +266,8 @@ def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
     [result] = controller.run(1)
 
     assert controller.infra_retries == 1
-    assert sorted(rollout.generated) == [0, 1, 2, 3, 4, 4, 5]  # only the faulty row is generated again
-    assert sum(call.count(flaky) for call in reward.calls) == 2
+    assert sorted(rollout.generated) == [0, 1, 2, 3, 4, 5]  # nothing is generated again ...
+    assert sum(call.count(flaky) for call in reward.calls) == 2  # ... the same trajectory is scored again
     rows = trained_rows([result])
     assert rows[flaky].status is Status.OK
     assert rows[flaky][REWARD].result.reward == 1.0  # "4" is even
@@ -277,17 +277,18 @@ def test_infra_error_reward_is_retried_once_then_succeeds(tokenizer):
 
 def test_row_failing_every_time_ends_as_infra_error(tokenizer):
     flaky = 1
-    controller, [rollout], _, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=2)
+    controller, [rollout], reward, _ = make_controller(tokenizer, FakeReward(flaky={flaky}, times=100), max_retries=2)
     [result] = controller.run(1)
     assert controller.infra_retries == 2
     rows = trained_rows([result])
     assert rows[flaky].status is Status.INFRA_ERROR
     assert all(r.status is Status.OK for u, r in rows.items() if u != flaky)
-    assert rollout.generated.count(flaky) == 3  # the first attempt and 2 retries, never again after that
+    assert rollout.generated.count(flaky) == 1  # a reward-side fault never regenerates the sample
+    assert sum(call.count(flaky) for call in reward.calls) == 3  # the first attempt and 2 retries, never again
 
 
 @pytest.mark.parametrize("role", ["rollout", "reward"])
-def test_lost_worker_rows_are_produced_again(tokenizer, role):
+def test_lost_worker_rows_go_back_to_the_stage_that_lost_them(tokenizer, role):
     lost = WorkerLost(f"{role}/0: actor died")
     reward = FakeReward(errors=[lost] if role == "reward" else None)
     controller, [rollout], reward, trainer = make_controller(
@@ -298,7 +299,9 @@ def test_lost_worker_rows_are_produced_again(tokenizer, role):
     first = (rollout.calls if role == "rollout" else reward.calls)[0]
     assert first == ([0, 1, 2, 3, 4, 5] if role == "rollout" else [0, 1, 2])  # rewards are scored a group a call
     assert controller.infra_retries == len(first)  # every row of the lost call, once
-    assert sorted(rollout.generated) == sorted([*range(2 * B), *(first if role == "reward" else [])])
+    assert sorted(rollout.generated) == list(range(2 * B))  # a lost rollout call generated nothing; a lost reward
+    # call's rows keep their trajectories and are scored again: every row is generated once and scored once
+    assert sorted(u for call in reward.calls[1 if role == "reward" else 0 :] for u in call) == list(range(2 * B))
     assert sorted(trained_rows(results)) == list(range(2 * B))
     assert all(r.status is Status.OK for r in trained_rows(results).values())
 

@@ -22,7 +22,7 @@ from test_controller import (
 
 from rollflow.api import Column, Reject, RewardCell, RewardResult, Status
 from rollflow.recipes.grpo import has_signal
-from rollflow.runtime.backend import InlineBackend
+from rollflow.runtime.backend import InlineBackend, WorkerLost
 from rollflow.runtime.controller import Controller
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.stage import Produced, Stage, StageOutput
@@ -156,14 +156,34 @@ def test_reference_column_is_filled_for_every_trained_row(tokenizer):
     assert all(len(call) % N == 0 for call in ref.calls)  # whole groups per call
 
 
-def test_reference_result_for_a_row_cleared_by_a_retry_is_not_kept(tokenizer):
+def test_a_reward_retry_keeps_the_trajectory_and_its_reference(tokenizer):
     ref = FakeReference()
     flaky = 4
     c, _, _ = controller(tokenizer, FakeReward(flaky={flaky}, times=1), reference=ref)
     [result] = c.run(1)
     [row] = [row for g in result.groups for row in g if row.uid == flaky]
     assert row.status is Status.OK and row[REFERENCE] == [-flaky / 100] * len(row[TRAJECTORY].payload.tokens)
-    assert sum(call.count(flaky) for call in ref.calls) == 2  # scored again after its regeneration
+    assert sum(call.count(flaky) for call in ref.calls) == 1  # the trajectory did not change: nothing to redo
+
+
+class LostOnce(FakeReference):
+    """A reference worker whose first call is lost (its actor died)."""
+
+    def score(self, items):
+        if not self.calls:
+            self.calls.append([uid for uid, _ in items])
+            raise WorkerLost("reference/0: actor died")
+        return super().score(items)
+
+
+def test_a_lost_reference_call_is_redone_on_the_same_trajectories(tokenizer):
+    policy = Policy()
+    rollout = FakeRollout(tokenizer, policy)
+    c, _, store = controller(tokenizer, FakeReward(), reference=LostOnce(), rollout=rollout, policy=policy)
+    [result] = c.run(1)
+    assert sorted(rollout.generated) == list(range(B))  # no trajectory generated twice
+    assert c.infra_retries == N and all(row[REFERENCE] == [-row.uid / 100] * len(row[TRAJECTORY].payload.tokens)
+                                        for g in result.groups for row in g)
 
 
 def test_every_column_needs_exactly_one_stage_on_one_backend(tokenizer):

@@ -319,3 +319,19 @@ def test_dropped_group_leaves_the_store_and_is_counted_not_consumed():
     with pytest.raises(StoreError, match="group 2 is already in the store"):
         admit_group(store, 2, 1)
         admit_group(store, 2, 1)
+
+
+def test_retrying_a_column_clears_it_and_what_reads_it_and_keeps_the_rest():
+    store = make_store(reference=True)
+    [uid] = admit_group(store, 0, 1, version=0, eta=1)
+    store.put(uid, TRAJECTORY, traj("t", version=3))
+    store.put(uid, REWARD, reward())
+    store.put(uid, REFERENCE, [-0.1])
+    assert store.retry(uid, REWARD) == 1
+    assert store.cells(uid).keys() == {TASK, TRAJECTORY, REFERENCE}  # the reward alone is redone ...
+    assert store.pending(REWARD) == [uid] and store.pending(TRAJECTORY) == []
+    assert store.get(uid, TRAJECTORY).text == "t"  # ... on the same trajectory
+    fill_reward = store.put(uid, REWARD, reward(0.5))
+    assert fill_reward is None and store.counts()["ready"] == 1
+    assert store.retry(uid, TRAJECTORY) == 2  # a trajectory retried takes everything computed from it along
+    assert store.cells(uid).keys() == {TASK}

@@ -16,8 +16,9 @@ Back-pressure is explicit: admission stops at the budget, so producers never run
 A group leaves early in two ways: a stage's value is ``api.Reject`` (its workflow declined the task instance), or
 ``keep_group`` rejects the complete group (dynamic sampling, at most ``max_dropped`` per step); its room in the budget
 is given back, so admission refills the step. An infrastructure fault (a worker lost, a value whose status is
-``infra_error``) sends the row back to be produced again, at most ``max_retries`` times; after that the value is
-kept as ``infra_error`` (masked by the trainer) and a lost worker stops the run with the error.
+``infra_error``) sends the row back to the stage that failed (a reward is computed again on the same trajectory; a
+lost rollout is rolled out again), at most ``max_retries`` times a row; after that the value is kept as
+``infra_error`` (masked by the trainer) and a lost worker stops the run with the error.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class StepResult:
 class _Call:
     stage: str  # a stage's column, or TRAIN
     worker: int
-    attempts: dict[int, int] = field(default_factory=dict)  # uid → the row's retry count when the call was sent
+    inputs: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # uid → the cells the call was given (a result
+    # counts only if the row still holds these very cells: a retry may have cleared or replaced them meanwhile)
     groups: list[list[SampleRow]] = field(default_factory=list)  # the batch of a train call
 
 
@@ -189,7 +191,7 @@ class Controller:
             i = min(free, key=lambda w: (load[w][1], load[w][0]))
             uids = [u for g in groups[k : k + per_call] for u in g]
             items = [stage.item(u, self.store.cells(u)) for u in uids]
-            info = _Call(stage.column, i, {u: self._retries.get(u, 0) for u in uids})
+            info = _Call(stage.column, i, {u: self._inputs(stage.column, u) for u in uids})
             self._claimed[stage.column].update(uids)
             self._calls[stage.group.submit(i, stage.method, items)] = info
             load[i][0] += 1
@@ -208,8 +210,8 @@ class Controller:
         stage = self.stages[info.stage]
         load = self._load[info.stage][info.worker]
         load[0] -= 1
-        load[1] -= len(info.attempts)
-        self._claimed[info.stage].difference_update(info.attempts)
+        load[1] -= len(info.inputs)
+        self._claimed[info.stage].difference_update(info.inputs)
         try:
             output: StageOutput = self.backend.result(call)
         except Exception as e:
@@ -218,13 +220,13 @@ class Controller:
         self._record(stage, info.worker, output)
         touched = set()
         for p in output.values:
-            if p.uid not in self.store or self._retries.get(p.uid, 0) != info.attempts[p.uid]:
+            if p.uid not in self.store or not _same(self._inputs(info.stage, p.uid), info.inputs[p.uid]):
                 continue  # the row was retried (or dropped) while the call ran: this value is for an older attempt
             touched.add(self.store.group_of(p.uid))
             if isinstance(p.value, Reject):
                 self._rejected.add(self.store.group_of(p.uid))
             elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
-                self._retry(p.uid)
+                self._retry(p.uid, info.stage)
             else:
                 self.store.put(p.uid, info.stage, p.value, started=p.started, finished=p.finished)
         for gid in touched:
@@ -257,16 +259,20 @@ class Controller:
     def _lost(self, error: Exception, info: _Call, stage: Stage) -> None:
         """A call failed. A lost worker (the backend says so) is an infrastructure fault: its rows go back to be
         produced again. Anything else is a bug or a user error and stops the run with its own message."""
-        uids = [u for u in info.attempts if u in self.store]
+        uids = [u for u in info.inputs if u in self.store]
         if not self.backend.is_worker_lost(error) or any(self._retries.get(u, 0) >= self.max_retries for u in uids):
             raise error
         self.tracer.instant(f"{stage.group.name}/{info.worker}", "worker lost", time.time(), error=type(error).__name__)
         for uid in uids:
-            self._retry(uid)
+            self._retry(uid, stage.column)
 
-    def _retry(self, uid: int) -> None:
-        self._retries[uid] = self.store.retry(uid)
+    def _retry(self, uid: int, column: str) -> None:
+        self._retries[uid] = self.store.retry(uid, column)
         self.infra_retries += 1
+
+    def _inputs(self, column: str, uid: int) -> tuple[Any, ...]:
+        cells = self.store.cells(uid)
+        return tuple(cells.get(c) for c in self.store.columns[column].reads)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     def _record(self, stage: Stage, worker: int, output: StageOutput) -> None:
@@ -341,3 +347,7 @@ class Controller:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 0.0
+
+
+def _same(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

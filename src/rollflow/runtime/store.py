@@ -92,15 +92,28 @@ class SampleStore:
             if self.columns[column].versioned and getattr(value, "version", -1) >= 0:
                 row.version = max(row.version, value.version)
 
-    def retry(self, uid: int) -> int:
-        """Clear everything but the admission column so the row is produced again; returns how often it was retried."""
+    def retry(self, uid: int, column: str | None = None) -> int:
+        """Clear ``column`` of row ``uid`` and every column that reads it, directly or not, so they are produced again
+        (None: everything but the admission column); returns how often the row was retried. A reward that failed for
+        the infrastructure's sake is thus computed again on the same trajectory, not on a new one (which would bias
+        training toward samples that do not break the reward)."""
         with self._lock:
             row = self._row(uid)
-            row.cells = {self.admission: row.cells[self.admission]}
-            row.times = {"admitted": row.times["admitted"]}
-            row.version = row.admitted_version
+            cleared = set(self.columns) - {self.admission} if column is None else self._downstream(column)
+            row.cells = {c: v for c, v in row.cells.items() if c not in cleared}
+            row.times = {"admitted": row.times["admitted"], **{k: v for k, v in row.times.items() if k in row.cells}}
+            if any(self.columns[c].versioned for c in cleared):
+                row.version = row.admitted_version
             row.retries += 1
             return row.retries
+
+    def _downstream(self, column: str) -> set[str]:
+        """``column`` and every column that reads it, directly or through others."""
+        out = {column}
+        for c in self.columns.values():  # declared in order: a reader comes after what it reads
+            if any(r in out for r in c.reads):
+                out.add(c.name)
+        return out
 
     def pending(self, column: str) -> list[int]:
         """Rows that have every column ``column`` reads and lack ``column``: its stage's work queue."""
