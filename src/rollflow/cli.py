@@ -23,10 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     p_cfg.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.sub=value")
     p_list = sub.add_parser("list", help="list registered components")
     p_list.add_argument("what", choices=["algos", "tasks"])
+    p_ledger = sub.add_parser("ledger", help="check a run's ledger: nothing trained twice, nothing trained unadmitted")
+    p_ledger.add_argument("action", choices=["check"])
+    p_ledger.add_argument("run_dir", metavar="RUN_DIR")
     ns = parser.parse_args(argv)
 
     if ns.command == "list":
         return _list(ns.what)
+    if ns.command == "ledger":
+        return _ledger_check(ns.run_dir)
     path, overrides = _split(ns.args)
     try:
         config = load_config(path, overrides)
@@ -53,6 +58,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rollflow: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ledger_check(run_dir: str) -> int:
+    """Exit 0 when the run's ledger is clean, 1 when it is not, 2 when there is no ledger to read."""
+    from pathlib import Path
+
+    from rollflow.runtime.ledger import check
+
+    path = Path(run_dir) / "ledger.jsonl"
+    if not path.is_file():
+        print(f"rollflow: no ledger at {path}: give the run directory of a rollflow train run", file=sys.stderr)
+        return 2
+    try:
+        report = check(path)
+    except ValueError as e:
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0 if report.clean else 1
 
 
 def _list(what: str) -> int:

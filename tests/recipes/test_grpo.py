@@ -66,6 +66,14 @@ def test_run_leaves_every_artifact(run):
     assert rollflow.load_config(d / "config.yaml").train.steps == 3
 
 
+def test_ledger_accounts_for_every_trained_sample(run, capsys):
+    assert main(["ledger", "check", str(run.run_dir)]) == 0
+    assert capsys.readouterr().out.startswith("ledger clean: 24 admitted, 48 produced, 0 retried, 0 dropped, 24 trained")
+    trained = sorted(json.loads(line)["uid"] for line in (run.run_dir / "ledger.jsonl").read_text().splitlines()
+                     if '"trained"' in line)
+    assert trained == sorted(r["uid"] for r in lines(run.run_dir / "rollouts.jsonl"))
+
+
 def test_metrics_have_one_line_per_rl_step(run):
     rl = [m for m in lines(run.run_dir / "metrics.jsonl") if m["step"] > 0]
     assert [m["step"] for m in rl] == [1, 2, 3]

@@ -13,6 +13,7 @@ from test_grpo import check_rollouts
 import rollflow
 from rollflow.api import VersionedWeights, WeightChecksumError
 from rollflow.engines.hf_inference import HFInferenceEngine
+from rollflow.runtime.ledger import check
 from rollflow.runtime.ray_backend import RayPayloads, RayWeightTransport
 
 TINY = [  # as in test_grpo.py
@@ -65,6 +66,12 @@ def test_ray_run_writes_a_trace_with_a_track_per_worker(ray_run):
     summary = ray_run.summary
     assert summary["backend"] == "ray" and 0 < summary["trainer_busy_fraction"] <= 1
     assert 0 < summary["pipeline_efficiency"] <= 1 + 1e-9
+
+
+def test_ray_run_ledger_is_clean(ray_run):
+    report = check(ray_run.run_dir / "ledger.jsonl")
+    assert report.clean and report.unaccounted == []
+    assert report.counts["trained"] == 6 * 4 * 2 == report.counts["admitted"]
 
 
 TIMED = ("time/", "throughput/", "queue/", "weights/")  # wall-clock measurements, never the same twice

@@ -57,6 +57,7 @@ from rollflow.engines.torch_train import TorchScorer, TorchTrainEngine
 from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
 from rollflow.runtime.controller import Controller, StepResult
 from rollflow.runtime.group import WorkerGroup
+from rollflow.runtime.ledger import Ledger
 from rollflow.runtime.roles import ReferenceWorker, RewardWorker, TrainerWorker
 from rollflow.runtime.rollout import Limits, RolloutWorker
 from rollflow.runtime.stage import Stage
@@ -283,7 +284,8 @@ def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, toke
     return Workers(rollout, reward, trainer, reference)
 
 
-def build_pipeline(config: Config, workers: Workers, task: Task, version: int, tracer: Tracer) -> Controller:
+def build_pipeline(config: Config, workers: Workers, task: Task, version: int, tracer: Tracer,
+                   ledger: Ledger | None = None) -> Controller:
     """GRPO's store and stage table: each problem's group is rolled out, then scored and (with a KL term) scored by
     the reference policy side by side; the trainer takes complete groups."""
     r, rt, reference = config.rollout, config.runtime, workers.reference
@@ -303,6 +305,7 @@ def build_pipeline(config: Config, workers: Workers, task: Task, version: int, t
         task.train_problems(config.seed), group_size=r.group_size, groups_per_step=r.groups_per_step,
         version=version, max_retries=rt.max_retries, tracer=tracer,
         keep_group=has_signal if config.algo.dynamic_sampling else None, max_dropped=config.algo.max_dropped_per_step,
+        ledger=ledger,
     )
 
 
@@ -417,6 +420,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     tracer = Tracer(enabled=rt.trace)
 
     backend = make_backend(rt)
+    ledger = Ledger(run_dir / "ledger.jsonl")
     try:
         workers = spawn_workers(backend, config, train_task, model, tokenizer)
         rollout, trainer = workers.rollout, workers.trainer
@@ -450,7 +454,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             # Everything built so far (torch, transformers, the model) lives until the end: keep it out of the
             # cyclic collector's scans, whose full passes over it otherwise stall a step now and then.
             gc.freeze()
-            controller = build_pipeline(config, workers, train_task, trainer.version(), tracer)
+            controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
             auto = AutoStaleness(config, controller, workers)
             acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
             for result in controller.run(t.steps):
@@ -502,5 +506,6 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 tracer.write(run_dir / "trace.json")
             tracker.finish(summary)
     finally:
+        ledger.close()
         backend.shutdown()
     return RunResult(run_dir, summary, history)

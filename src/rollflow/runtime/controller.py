@@ -30,6 +30,7 @@ from typing import Any
 
 from rollflow.api import Reject, SampleRow, Status
 from rollflow.runtime.group import WorkerGroup
+from rollflow.runtime.ledger import Ledger
 from rollflow.runtime.roles import TrainResult
 from rollflow.runtime.stage import Span, Stage, StageOutput
 from rollflow.runtime.staleness import StalenessBudget
@@ -81,6 +82,7 @@ class Controller:
         tracer: Tracer | None = None,
         keep_group: Callable[[list[SampleRow]], bool] | None = None,
         max_dropped: int = 0,
+        ledger: Ledger | None = None,
     ) -> None:
         if budget.batch_size != group_size * groups_per_step:
             raise ValueError(f"the staleness budget counts {budget.batch_size} samples per step but a step takes "
@@ -100,6 +102,7 @@ class Controller:
         self.version0 = self.version = version  # trainer version when RL starts / now
         self.max_retries = max_retries
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
+        self.ledger = ledger if ledger is not None else Ledger(None)
         self.keep_group = keep_group  # dynamic sampling: False drops a complete group before it is trained
         self.max_dropped = max_dropped  # most groups dropped per step; past it, groups are kept (a stream of
         # all-equal groups, e.g. a solved task, must not stall the run)
@@ -144,6 +147,9 @@ class Controller:
                     self._on_output(call, info)
                     continue
                 result: TrainResult = self.backend.result(call)
+                for row in (r for g in info.groups for r in g):
+                    self.ledger.record("trained", row.uid, step=trained + 1, version=result.version)
+                self.ledger.flush()
                 self._training = False
                 self._dropped_this_step = self._rejected_this_step = 0
                 trained += 1
@@ -169,7 +175,9 @@ class Controller:
         rl_version = self.version - self.version0
         while self.budget.admitted < total and self.budget.admit(rl_version, self.group_size):
             task = next(self.tasks)
-            self.store.admit(self._next_group, [task] * self.group_size, version=self.version, eta=self.budget.eta)
+            uids = self.store.admit(self._next_group, [task] * self.group_size, version=self.version, eta=self.budget.eta)
+            for uid in uids:
+                self.ledger.record("admitted", uid, group=self._next_group, version=self.version)
             self._next_group += 1
 
     def _dispatch(self, stage: Stage) -> None:
@@ -226,9 +234,12 @@ class Controller:
             if isinstance(p.value, Reject):
                 self._rejected.add(self.store.group_of(p.uid))
             elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
-                self._retry(p.uid, info.stage)
+                self._retry(p.uid, info.stage, "infra_error")
             else:
                 self.store.put(p.uid, info.stage, p.value, started=p.started, finished=p.finished)
+                extra = {"version": p.value.version} if self.store.columns[info.stage].versioned else {}
+                status = getattr(p.value, "status", Status.OK)
+                self.ledger.record("produced", p.uid, column=info.stage, status=status.value, **extra)
         for gid in touched:
             self._settle(gid)
 
@@ -240,7 +251,7 @@ class Controller:
             return
         if gid in self._rejected:
             self._rejected.discard(gid)
-            self.budget.release(self.store.drop_group(gid))
+            self._drop(gid, uids, "rejected by its workflow")
             self.rejected_groups += 1
             self._rejected_this_step += 1
             if self._rejected_this_step > self.max_rejected:
@@ -252,9 +263,14 @@ class Controller:
             return
         rows = [SampleRow(u, gid, self.store.cells(u), {}) for u in uids]
         if not self.keep_group(rows):
-            self.budget.release(self.store.drop_group(gid))
+            self._drop(gid, uids, "filtered (keep_group)")
             self.dropped_groups += 1
             self._dropped_this_step += 1
+
+    def _drop(self, gid: int, uids: list[int], why: str) -> None:
+        self.budget.release(self.store.drop_group(gid))
+        for uid in uids:
+            self.ledger.record("dropped", uid, group=gid, why=why)
 
     def _lost(self, error: Exception, info: _Call, stage: Stage) -> None:
         """A call failed. A lost worker (the backend says so) is an infrastructure fault: its rows go back to be
@@ -264,11 +280,12 @@ class Controller:
             raise error
         self.tracer.instant(f"{stage.group.name}/{info.worker}", "worker lost", time.time(), error=type(error).__name__)
         for uid in uids:
-            self._retry(uid, stage.column)
+            self._retry(uid, stage.column, f"worker lost: {type(error).__name__}")
 
-    def _retry(self, uid: int, column: str) -> None:
+    def _retry(self, uid: int, column: str, why: str) -> None:
         self._retries[uid] = self.store.retry(uid, column)
         self.infra_retries += 1
+        self.ledger.record("retried", uid, column=column, why=why)
 
     def _inputs(self, column: str, uid: int) -> tuple[Any, ...]:
         cells = self.store.cells(uid)
