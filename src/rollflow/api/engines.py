@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -56,7 +56,7 @@ class TrainBatch:
         return cls(ids, attn, mask, logp, logp.clone(), torch.zeros((B, T)), ver)
 
     def select(self, index: torch.Tensor) -> TrainBatch:
-        return replace(self, **{f.name: v[index] for f in fields(self) if (v := getattr(self, f.name)) is not None})
+        return _select(self, index)
 
     def split(self, n: int, generator: torch.Generator | None = None) -> list[TrainBatch]:
         """Shuffle and cut into ``n`` minibatches of near-equal size; with ``group_ids``, whole groups are shuffled
@@ -64,8 +64,7 @@ class TrainBatch:
         advantages sum to zero, and on the prefix they share their gradients cancel instead of arriving one
         update apart."""
         if self.group_ids is None or len(groups := self.group_ids.unique()) < n:
-            order = torch.randperm(len(self), generator=generator)
-            return [self.select(chunk) for chunk in order.tensor_split(n)]
+            return _shuffled_split(self, n, generator)
         shuffled = groups[torch.randperm(len(groups), generator=generator)]
         return [self.select(torch.isin(self.group_ids, part).nonzero().squeeze(-1)) for part in shuffled.tensor_split(n)]
 
@@ -100,12 +99,24 @@ class StepBatch:
                    advantages, torch.cat([f.logprobs for f in fragments]), torch.cat([f.versions for f in fragments]))
 
     def select(self, index: torch.Tensor) -> StepBatch:
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return _select(self, index)
 
     def split(self, n: int, generator: torch.Generator | None = None) -> list[StepBatch]:
         """Shuffle and cut into ``n`` minibatches of near-equal size."""
-        order = torch.randperm(len(self), generator=generator)
-        return [self.select(chunk) for chunk in order.tensor_split(n)]
+        return _shuffled_split(self, n, generator)
+
+
+_Batch = TypeVar("_Batch", TrainBatch, StepBatch)
+
+
+def _select(batch: _Batch, index: torch.Tensor) -> _Batch:
+    """The rows ``index`` of every tensor field of a batch dataclass (fields left None stay None)."""
+    return replace(batch, **{f.name: v[index] for f in fields(batch) if (v := getattr(batch, f.name)) is not None})
+
+
+def _shuffled_split(batch: _Batch, n: int, generator: torch.Generator | None) -> list[_Batch]:
+    order = torch.randperm(len(batch), generator=generator)
+    return [_select(batch, chunk) for chunk in order.tensor_split(n)]
 
 
 # (log-probs of the taken actions (N,), entropies (N,), the steps) -> loss. Written by algos/, called by the trainer.

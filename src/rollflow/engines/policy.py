@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from rollflow.api import LossOutput, StepBatch, StepLossFn, VersionedWeights
+from rollflow.api import LossOutput, StepBatch, StepLossFn
 from rollflow.engines.models import VersionedEngine
-from rollflow.engines.torch_train import minibatch_updates
+from rollflow.engines.torch_train import AdamWTrainer
 
 
 class CategoricalMLP(torch.nn.Module):
@@ -59,26 +59,10 @@ class TorchPolicyEngine(VersionedEngine):
         return actions, logp.gather(-1, actions[:, None]).squeeze(-1)  # (B,), (B,)
 
 
-class TorchPolicyTrainer:
+class TorchPolicyTrainer(AdamWTrainer):
     """Trains a categorical policy with a loss it is given: AdamW, gradient clipping, minibatches and epochs per step
-    (``torch_train.minibatch_updates``, shared with the text trainer). ``version`` is the number of ``train_step``
+    (``torch_train.AdamWTrainer``, shared with the text trainer). ``version`` is the number of ``train_step``
     calls: one per RL step, whatever the minibatches and epochs."""
-
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0) -> None:
-        self.model = model.train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
-        self.grad_clip = grad_clip
-        self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
-        self._version = 0
-
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
 
     def train_step(self, batch: StepBatch, loss_fn: StepLossFn, minibatches: int = 1, epochs: int = 1,
                    lr_scale: float = 1.0) -> dict[str, float]:
@@ -89,15 +73,9 @@ class TorchPolicyTrainer:
             logp, entropy = action_logprobs(self.model, mb.observations, mb.actions)
             return loss_fn(logp, entropy, mb)
 
-        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss,
-                                    minibatches, epochs, self.generator, lr_scale)
-        self._version += 1
-        return metrics
+        return self._updates(batch, loss, minibatches, epochs, lr_scale)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: StepBatch) -> torch.Tensor:
         """Log-probs (N,) of the batch's actions under the current weights (π_old for off-policy corrections)."""
         return action_logprobs(self.model, batch.observations, batch.actions)[0]
-
-    def export_weights(self) -> VersionedWeights:
-        return VersionedWeights.pack(self._version, self.model.state_dict())

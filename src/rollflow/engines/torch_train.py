@@ -7,6 +7,7 @@ It is given the loss function; it knows nothing of RL. FSDP or DeepSpeed engines
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -65,22 +66,16 @@ def minibatch_updates(
     return {k: v / updates for k, v in totals.items()}
 
 
-class TorchTrainEngine:
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        lr: float,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        grad_clip: float = 1.0,
-        temperature: float = 1.0,
-        seed: int = 0,
-    ) -> None:
+class AdamWTrainer:
+    """What every trainer here shares: AdamW on ``model``, gradient clipping, seeded minibatch shuffling, and the
+    version (``train_step`` calls so far) of the weights it exports."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0) -> None:
         self.model = model.train()
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
         self.grad_clip = grad_clip
-        self.temperature = temperature
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # minibatch shuffling
         self._version = 0
 
     @property
@@ -91,6 +86,32 @@ class TorchTrainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _updates(self, batch: TrainBatch | StepBatch, loss: Callable[[Any], LossOutput], minibatches: int, epochs: int,
+                 lr_scale: float) -> dict[str, float]:
+        """``minibatch_updates`` on this trainer's model and optimizer; then version += 1."""
+        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss, minibatches, epochs,
+                                    self.generator, lr_scale)
+        self._version += 1
+        return metrics
+
+    def export_weights(self) -> VersionedWeights:
+        return VersionedWeights.pack(self._version, self.model.state_dict())
+
+
+class TorchTrainEngine(AdamWTrainer):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, lr, weight_decay, betas, grad_clip, seed)
+        self.temperature = temperature
+
     def train_step(self, batch: TrainBatch, loss_fn: LossFn, minibatches: int = 1, epochs: int = 1, lr_scale: float = 1.0) -> dict[str, float]:
         """``epochs`` passes over ``batch``, each cut into ``minibatches`` optimizer updates at ``lr_scale`` × the
         learning rate; then version += 1."""
@@ -99,17 +120,12 @@ class TorchTrainEngine:
             logp, entropy = token_logprobs(self.model, mb, self.temperature)
             return loss_fn(logp, entropy, mb)
 
-        metrics = minibatch_updates(self.model, self.optimizer, self.grad_clip, batch, loss, minibatches, epochs, self.generator, lr_scale)
-        self._version += 1
-        return metrics
+        return self._updates(batch, loss, minibatches, epochs, lr_scale)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """Per-token log-probs (B, T) under the current weights: π_old for off-policy corrections."""
         return token_logprobs(self.model, batch, self.temperature)[0]
-
-    def export_weights(self) -> VersionedWeights:
-        return VersionedWeights.pack(self._version, self.model.state_dict())
 
 
 class TorchScorer(VersionedEngine):

@@ -198,8 +198,10 @@ class Controller:
                 return
             i = min(free, key=lambda w: (load[w][1], load[w][0]))
             uids = [u for g in groups[k : k + per_call] for u in g]
-            items = [stage.item(u, self.store.cells(u)) for u in uids]
-            info = _Call(stage.column, i, {u: self._inputs(stage.column, u) for u in uids})
+            cells = {u: self.store.cells(u) for u in uids}
+            reads = self.store.columns[stage.column].reads
+            items = [stage.item(u, cells[u]) for u in uids]
+            info = _Call(stage.column, i, {u: tuple(cells[u].get(c) for c in reads) for u in uids})
             self._claimed[stage.column].update(uids)
             self._calls[stage.group.submit(i, stage.method, items)] = info
             load[i][0] += 1
@@ -230,9 +232,10 @@ class Controller:
         for p in output.values:
             if p.uid not in self.store or not _same(self._inputs(info.stage, p.uid), info.inputs[p.uid]):
                 continue  # the row was retried (or dropped) while the call ran: this value is for an older attempt
-            touched.add(self.store.group_of(p.uid))
+            gid = self.store.group_of(p.uid)
+            touched.add(gid)
             if isinstance(p.value, Reject):
-                self._rejected.add(self.store.group_of(p.uid))
+                self._rejected.add(gid)
             elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
                 self._retry(p.uid, info.stage, "infra_error")
             else:

@@ -32,7 +32,8 @@ class StoreError(RuntimeError):
 class _Row:
     group: int
     cells: dict[str, Any] = field(default_factory=dict)
-    times: dict[str, float] = field(default_factory=dict)
+    admitted: float = 0.0
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)  # column → (started, finished)
     retries: int = 0
     admitted_version: int = 0
     version: int = 0  # a lower bound on the version of every token the row holds or will hold
@@ -67,7 +68,7 @@ class SampleStore:
                 raise StoreError(f"group {group_id} is already in the store")
             uids = [next(self._uids) for _ in values]
             for uid, value in zip(uids, values):
-                self._rows[uid] = _Row(group_id, {self.admission: value}, {"admitted": time.time()},
+                self._rows[uid] = _Row(group_id, {self.admission: value}, time.time(),
                                        admitted_version=version, version=version)
             self._groups[group_id] = uids
             self._eta[group_id] = eta
@@ -85,10 +86,7 @@ class SampleStore:
                 raise StoreError(f"row {uid} already has column '{column}'; a stage wrote it twice")
             row.cells[column] = value
             now = time.time()
-            started, finished = now if started is None else started, now if finished is None else finished
-            row.times["started"] = min(row.times.get("started", started), started)
-            row.times["finished"] = max(row.times.get("finished", finished), finished)
-            row.times[column] = finished
+            row.spans[column] = (now if started is None else started, now if finished is None else finished)
             if self.columns[column].versioned and getattr(value, "version", -1) >= 0:
                 row.version = max(row.version, value.version)
 
@@ -101,7 +99,7 @@ class SampleStore:
             row = self._row(uid)
             cleared = set(self.columns) - {self.admission} if column is None else self._downstream(column)
             row.cells = {c: v for c, v in row.cells.items() if c not in cleared}
-            row.times = {"admitted": row.times["admitted"], **{k: v for k, v in row.times.items() if k in row.cells}}
+            row.spans = {c: span for c, span in row.spans.items() if c in row.cells}
             if any(self.columns[c].versioned for c in cleared):
                 row.version = row.admitted_version
             row.retries += 1
@@ -208,8 +206,7 @@ class SampleStore:
             rows = []
             for uid in self._groups.pop(gid):
                 row = self._rows.pop(uid)
-                row.times["consumed"] = now
-                rows.append(SampleRow(uid, gid, row.cells, row.times))
+                rows.append(SampleRow(uid, gid, row.cells, _timestamps(row, now)))
             out.append(rows)
         self.consumed_total += sum(map(len, out))
         return out
@@ -232,3 +229,11 @@ class SampleStore:
             done = sum(self._complete(r) for r in self._rows.values())
             return {"in_flight": len(self._rows) - done, "ready": done, "consumed": self.consumed_total,
                     "dropped": self.dropped_total}
+
+
+def _timestamps(row: _Row, consumed: float) -> dict[str, float]:
+    """A consumed row's timestamps: admitted, the earliest start and latest finish of its columns, each column's
+    finish under its name, consumed."""
+    starts, ends = [a for a, _ in row.spans.values()], [b for _, b in row.spans.values()]
+    return {"admitted": row.admitted, "started": min(starts, default=row.admitted),
+            "finished": max(ends, default=row.admitted), **{c: b for c, (_, b) in row.spans.items()}, "consumed": consumed}
