@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rollflow.config import ConfigError, load_config
 
@@ -19,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="run a training job (the built-in default recipe if no config is given)")
     p_train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.sub=value", help="optional YAML config, then dotted overrides")
+    p_train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint, "
+                         "with its own config.yaml (overrides may change train.steps, eval.*, checkpoint.*, runtime.*)")
+    p_train.add_argument("--overwrite", action="store_true", help="let a new run replace what its run_dir holds")
     p_cfg = sub.add_parser("config", help="print the fully resolved config without running anything")
     p_cfg.add_argument("args", nargs="*", metavar="CONFIG.yaml | key.sub=value")
     p_list = sub.add_parser("list", help="list registered components")
@@ -33,6 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "ledger":
         return _ledger_check(ns.run_dir)
     path, overrides = _split(ns.args)
+    resume = getattr(ns, "resume", None)
+    if resume is not None:
+        if path is not None:
+            print(f"rollflow: --resume reads the run's own {resume}/config.yaml; give only key=value overrides, "
+                  f"not {path!r}", file=sys.stderr)
+            return 2
+        if ns.overwrite:
+            print("rollflow: --resume and --overwrite contradict each other; choose one", file=sys.stderr)
+            return 2
+        path = str(Path(resume) / "config.yaml")
+        if not Path(path).is_file():
+            print(f"rollflow: cannot resume {resume!r}: no config.yaml there, so it is not a rollflow run directory",
+                  file=sys.stderr)
+            return 2
+        overrides = [*overrides, f"run_dir={resume}"]
     try:
         config = load_config(path, overrides)
     except ConfigError as e:
@@ -46,18 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     # Defers nothing heavy: `import rollflow` has loaded the recipes, torch and transformers already; Ray is imported
     # only when train builds a Ray backend.
     from rollflow.recipes import train
+    from rollflow.recipes.grpo import NonFiniteLoss, Stopped
     from rollflow.runtime.backend import WorkerStartError
+    from rollflow.runtime.checkpoint import RunDirError
     from rollflow.tasks import RewardFnError, TaskDataError
 
     try:
-        train(config)
-    except (TaskDataError, RewardFnError, FileNotFoundError) as e:  # the user's input, already named in the message
-        print(f"rollflow: {e}", file=sys.stderr)
+        train(config, resume=resume is not None, overwrite=ns.command == "train" and ns.overwrite)
+    except (TaskDataError, RewardFnError, FileNotFoundError, RunDirError) as e:  # the user's input, named in the message
+        print(f"rollflow: {_with_notes(e)}", file=sys.stderr)
         return 2
-    except WorkerStartError as e:  # the worker's own error in one line: its traceback would only show Ray's code
+    except (WorkerStartError, NonFiniteLoss) as e:  # one line says it all; a traceback would only show Ray's code
         print(f"rollflow: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _with_notes(e: BaseException) -> str:
+    """The message and the notes added on its way up (e.g. where the checkpoint of the finished steps is)."""
+    return "\n".join([str(e), *getattr(e, "__notes__", [])])
 
 
 def _ledger_check(run_dir: str) -> int:

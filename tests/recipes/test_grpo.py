@@ -68,7 +68,7 @@ def test_run_leaves_every_artifact(run):
 
 def test_ledger_accounts_for_every_trained_sample(run, capsys):
     assert main(["ledger", "check", str(run.run_dir)]) == 0
-    assert capsys.readouterr().out.startswith("ledger clean: 24 admitted, 48 produced, 0 retried, 0 dropped, 24 trained")
+    assert capsys.readouterr().out.startswith("ledger clean: 24 admitted, 48 produced, 0 retried, 0 readmitted, 0 hung, 0 dropped, 24 trained")
     trained = sorted(json.loads(line)["uid"] for line in (run.run_dir / "ledger.jsonl").read_text().splitlines()
                      if '"trained"' in line)
     assert trained == sorted(r["uid"] for r in lines(run.run_dir / "rollouts.jsonl"))
@@ -123,13 +123,14 @@ def test_python_api_with_custom_reward(tmp_path):
     assert result.history[0]["reward/mean"] == pytest.approx(sum(r["reward"] for r in rows) / 8)
 
 
-def test_failing_reward_fn_names_itself_and_keeps_what_was_written(tmp_path):
+def test_failing_reward_fn_names_itself_before_the_run_directory_is_touched(tmp_path):
     def broken(problem, response):
         raise ValueError("boom")
 
+    run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=r"reward fn '.*broken' raised ValueError on sample \d+: boom"):
-        rollflow.train(rollflow.load_config(overrides=[*TINY, "sft.steps=0", f"run_dir={tmp_path}"]), reward_fn=broken)
-    assert (tmp_path / "config.yaml").is_file()
+        rollflow.train(rollflow.load_config(overrides=[*TINY, "sft.steps=0", f"run_dir={run_dir}"]), reward_fn=broken)
+    assert not run_dir.exists()  # checked first: the same command runs once the reward is fixed, no --overwrite
 
 
 def test_cli_trains_a_file_task_with_module_reward(tmp_path, capsys):

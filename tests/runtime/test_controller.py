@@ -306,12 +306,15 @@ def test_lost_worker_rows_go_back_to_the_stage_that_lost_them(tokenizer, role):
     assert all(r.status is Status.OK for r in trained_rows(results).values())
 
 
-def test_worker_lost_more_than_max_retries_stops_the_run(tokenizer):
+def test_rows_lost_with_their_worker_more_than_max_retries_times_are_dropped_and_replaced(tokenizer):
     errors = [WorkerLost("rollout/0: actor died"), WorkerLost("rollout/0: actor died again")]
-    controller, *_ = make_controller(tokenizer, max_retries=1, rollout_errors={0: errors})
-    with pytest.raises(WorkerLost, match="died again"):
-        list(controller.run(1))
+    controller, [rollout], *_ = make_controller(tokenizer, max_retries=1, rollout_errors={0: errors})
+    [result] = controller.run(1)
     assert controller.infra_retries == B  # the first loss was retried
+    assert controller.faults == {"worker_lost": 2, "dropped_after_faults": B}
+    assert controller.store.counts()["dropped"] == B and controller.rejected_groups == 0  # not the workflow's doing
+    assert sorted(trained_rows([result])) == list(range(B, 2 * B))  # groups admitted in their place
+    assert any("dropped (runtime.max_retries=1)" in line for line in controller.fault_log)
 
 
 @pytest.mark.parametrize("role", ["rollout", "reward"])

@@ -23,8 +23,9 @@ def test_check_finds_what_breaks_the_invariant(tmp_path):
     assert report.trained_twice == [0] and report.trained_unknown == [9] and report.unaccounted == [2, 3]
     assert not report.clean
     assert report.summary().splitlines() == [
-        "ledger NOT clean: 4 admitted, 0 produced, 0 retried, 1 dropped, 3 trained; 2 admitted, neither trained nor dropped",
-        "trained more than once: 0", "trained but never admitted: 9"]
+        "ledger NOT clean: 4 admitted, 0 produced, 0 retried, 0 readmitted, 0 hung, 1 dropped, 3 trained, 0 unfinished; "
+        "2 lost", "trained more than once: 0", "trained but never admitted: 9",
+        "admitted but neither trained, dropped nor unfinished at the end (lost): 2, 3"]
 
 
 def test_check_names_the_line_that_is_not_an_event(tmp_path):
@@ -69,3 +70,42 @@ def test_cli_ledger_check(tmp_path, capsys):
     assert main(["ledger", "check", str(tmp_path)]) == 1
     assert main(["ledger", "check", str(tmp_path / "nowhere")]) == 2
     assert "no ledger at" in capsys.readouterr().err
+
+
+def test_a_resume_voids_the_work_after_its_checkpoint_and_a_line_cut_by_the_crash(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    write(path, [("admitted", 0), ("admitted", 1), ("trained", 0)])
+    checkpoint_bytes = path.stat().st_size
+    with open(path, "a") as f:  # after the checkpoint: uid 1 trained, uid 2 admitted, then a kill -9 mid-line
+        f.write('{"event": "trained", "uid": 1}\n{"event": "admitted", "uid": 2}\n{"event": "trai')
+    assert not check(path).trained_twice  # before the resume: only the cut line, the last, is skipped
+    ledger = Ledger(path, append=True)  # the resumed run: ends the cut line, voids what the checkpoint does not hold
+    ledger.resumed(step=1, void_from=checkpoint_bytes)
+    ledger.record("trained", 1, step=2)
+    ledger.close()
+    report = check(path)
+    assert report.clean and report.resumes == 1 and report.void_lines == 2
+    assert report.counts == {"admitted": 2, "trained": 2}  # uid 1 trained once, uid 2 never admitted (voided)
+    ledger = Ledger(path, append=True)  # a second resume to the same checkpoint, after uid 1 was trained again
+    ledger.resumed(step=1, void_from=checkpoint_bytes)
+    ledger.record("trained", 1, step=2)
+    ledger.close()
+    assert check(path).clean and check(path).counts["trained"] == 2
+
+
+def test_a_sample_trained_twice_across_a_resume_is_caught(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    write(path, [("admitted", 0), ("trained", 0)])
+    ledger = Ledger(path, append=True)
+    ledger.resumed(step=1, void_from=path.stat().st_size)  # the checkpoint already holds uid 0 as trained
+    ledger.record("trained", 0, step=2)
+    ledger.close()
+    assert check(path).trained_twice == [0]
+
+
+def test_rows_in_flight_at_the_end_are_unfinished_not_lost(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    write(path, [("admitted", 0), ("admitted", 1), ("trained", 0)])
+    assert check(path).unaccounted == [1] and not check(path).clean
+    write(path, [("admitted", 0), ("admitted", 1), ("trained", 0), ("unfinished", 1)])
+    assert check(path).clean

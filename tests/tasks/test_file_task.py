@@ -1,5 +1,6 @@
 import itertools
 import json
+import re
 import textwrap
 
 import datasets
@@ -142,17 +143,35 @@ def test_unsupported_extension(tmp_path):
         FileTask(str(path))
 
 
-def test_corrupt_jsonl_names_file_and_cause(tmp_path):
+def test_corrupt_jsonl_names_file_line_and_cause(tmp_path, caplog):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"prompt": "q", "answer": "a"}\n{"prompt": "q2",\n')
-    with pytest.raises(TaskDataError, match=r"cannot read '.*d\.jsonl' as jsonl \(ArrowInvalid: JSON parse error"):
+    path.write_text('{"prompt": "q", "answer": "a"}\n\n{"prompt": "q2",\n{"prompt": "q3", "answer": "c"}\n')
+    expected = (r"cannot read '.*d\.jsonl' as jsonl: line 3, column 17 is not valid JSON "
+                r"\(Expecting property name enclosed in double quotes\); fix that line$")
+    with pytest.raises(TaskDataError, match=expected):
+        FileTask(str(path))
+    assert not caplog.records  # `datasets`' own log line, which counts rows in a block, is not shown
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "q", "answer": "a"}\n["q2", "b"]\n')
+    with pytest.raises(TaskDataError, match=r"as jsonl: line 2 holds a JSON list, not an object"):
+        FileTask(str(path))
+
+
+def test_corrupt_json_array_names_its_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"prompt": "q", "answer": "a"},\n  {"prompt": "q2" "answer": "b"}\n]\n')
+    with pytest.raises(TaskDataError, match=r"as json: line 3, column 19 is not valid JSON \(Expecting ',' delimiter\)"):
         FileTask(str(path))
 
 
 def test_corrupt_parquet_names_file_and_cause(tmp_path):
     path = tmp_path / "d.parquet"
     path.write_bytes(b"not parquet at all")
-    with pytest.raises(TaskDataError, match=r"cannot read '.*d\.parquet' as parquet \(ArrowInvalid: .*magic bytes"):
+    expected = r"cannot read '.*d\.parquet' as parquet \(ArrowInvalid: .*magic bytes.*\); check that it is a valid parquet file"
+    with pytest.raises(TaskDataError, match=expected):
         FileTask(str(path))
 
 
@@ -207,6 +226,22 @@ def test_bad_row_names_file_and_row(tmp_path, bad, message):
     path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], bad, ROWS[3]])
     with pytest.raises(TaskDataError, match=r"'.*d\.jsonl', " + message):
         FileTask(path)
+
+
+@pytest.mark.parametrize("column, key", [("prompt", "task.prompt_column"), ("answer", "task.answer_column")])
+def test_row_missing_a_field_lists_the_fields_it_has(tmp_path, column, key):
+    bad = {k: v for k, v in ROWS[2].items() if k != column}
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], ROWS[1], bad, ROWS[3]])
+    fields = [k for k in ROWS[2] if k != column]
+    expected = (rf"row 3: {column} must be .*, got None \(this row has no '{column}'; its fields: {re.escape(str(fields))}\); "
+                rf"add it to the row, or set {re.escape(key)} if the column has another name")
+    with pytest.raises(TaskDataError, match=expected):
+        FileTask(path)
+
+
+def test_data_path_that_is_a_directory(tmp_path):
+    with pytest.raises(TaskDataError, match=r"task\.path: '.*' is a directory; give the data file inside it"):
+        FileTask(str(tmp_path))
 
 
 def test_non_string_prompt(tmp_path):

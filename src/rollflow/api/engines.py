@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -185,6 +185,12 @@ class CriticEngine(Protocol):
     def train_step(self, batch: TrainBatch, loss_fn: Callable[[torch.Tensor, TrainBatch], LossOutput],
                    minibatches: int, epochs: int) -> dict[str, float]: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds of it (weights, optimizer, RNG), for ``load_state_dict``."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 class TrainEngine(Protocol):
     """Optimises a model with a loss it is given; knows nothing of the RL algorithm."""
@@ -203,6 +209,12 @@ class TrainEngine(Protocol):
         ...
 
     def export_weights(self) -> VersionedWeights: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds of it (weights, optimizer, RNG, version), for ``load_state_dict``."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class PolicyEngine(Protocol):

@@ -54,3 +54,10 @@ class WeightTransport(Protocol):
     def latest(self, newer_than: int) -> VersionedWeights | None:
         """The newest published version if it is newer than ``newer_than``, else None (nothing is fetched)."""
         ...
+
+    def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
+        """Keep ``weights`` (default: the newest published) under ``name`` for workers that need one version for
+        good, e.g. a reference policy, also when rebuilt after a crash."""
+        ...
+
+    def pinned(self, name: str) -> VersionedWeights | None: ...

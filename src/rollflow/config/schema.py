@@ -163,6 +163,9 @@ class TrainConfig(Section):
     """Optimizer updates per epoch; the step's samples are shuffled and cut into this many."""
     epochs_per_step: int = Field(1, ge=1)
     """Passes over the step's samples."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """A minibatch whose loss or gradient is NaN/Inf is skipped (counted in train/nonfinite_updates); after this many
+    steps in a row with no finite update the run stops, with a checkpoint of the last good step."""
     whole_groups: bool = True
     """Minibatches take whole groups (when there are at least as many groups as minibatches), so the samples of one
     prompt, whose advantages sum to zero, update together; False: samples are shuffled one by one."""
@@ -328,6 +331,14 @@ class EvalConfig(Section):
     steps, final; a tie keeps the earlier), as Hugging Face's load_best_model_at_end; False: the final weights."""
 
 
+class CheckpointConfig(Section):
+    every: int = Field(20, ge=0)
+    """Checkpoint every this many RL steps (0: only after SFT, at the end, and when the run is stopped); resume with
+    `rollflow train --resume RUN_DIR`."""
+    keep: int = Field(2, ge=1)
+    """Newest checkpoints kept in run_dir/checkpoints (older ones are deleted once a newer one is whole)."""
+
+
 class RoleConfig(Section):
     workers: int = Field(1, ge=1)
     """Workers of this role (the trainer has exactly one)."""
@@ -361,6 +372,9 @@ class RewardRoleConfig(RoleConfig):
     groups_per_call: int = Field(8, ge=1)
     """Groups per reward call: 1 lets every group finish on its own (best when rewards are slow and variable);
     more saves per-call overhead when rewards are instant."""
+    timeout: float | None = Field(60.0, gt=0.0)
+    """Seconds one sample's reward may take; past it the sample's reward is an infra_error: scored again on the same
+    generation, up to runtime.max_retries, then masked and counted. null: wait forever."""
 
 
 class RuntimeConfig(Section):
@@ -399,6 +413,11 @@ class RuntimeConfig(Section):
     """Most sequences one engine forward pass holds (an engine batch larger than this is cut)."""
     max_retries: int = Field(2, ge=0)
     """Retries of a sample hit by an infrastructure fault (a worker died, a sandbox failed) before it is masked."""
+    max_restarts: int = Field(3, ge=0)
+    """Times a run whose trainer died goes back to its last checkpoint on its own before it gives up."""
+    call_timeout: float | None = Field(600.0, gt=0.0)
+    """Seconds a call to a worker may run before the worker counts as hung: on Ray it is killed and replaced (its
+    rows are produced again); null: never."""
     trace: bool = True
     """Write trace.json (Chrome/Perfetto format): one track per worker, spans for every call and wait."""
 
@@ -407,6 +426,11 @@ class RuntimeConfig(Section):
         if self.trainer.workers != 1:
             raise ValueError("runtime.trainer.workers: the trainer is one worker; set it to 1")
         return self
+
+
+# Keys a resumed run may change (``rollflow train --resume RUN_DIR key=value``): how long, where and how fast it runs,
+# not what it learns. Any other difference from the run's config.yaml is refused, naming the keys.
+RESUMABLE = ("run_dir", "progress", "train.steps", "eval.", "checkpoint.", "runtime.")
 
 
 class Config(Section):
@@ -423,6 +447,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     reward_latency: RewardLatencyConfig = Field(default_factory=RewardLatencyConfig)
     """Simulated reward duration (training rewards only), for studying slow verifiers."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
@@ -431,6 +456,13 @@ class Config(Section):
     def samples_per_step(self) -> int:
         """G × n: samples the trainer consumes per RL step."""
         return self.rollout.groups_per_step * self.rollout.group_size
+
+    def resume_differences(self, saved: Config) -> list[str]:
+        """Dotted keys whose values differ from ``saved`` and may not change on resume."""
+        mine, theirs = _flatten(self.model_dump()), _flatten(saved.model_dump())
+        return sorted(k for k in mine.keys() | theirs.keys()
+                      if mine.get(k) != theirs.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                                  for r in RESUMABLE))
 
     @model_validator(mode="after")
     def _overlong(self) -> Config:
@@ -447,3 +479,13 @@ class Config(Section):
                 f"({self.samples_per_step} = rollout.groups_per_step × rollout.group_size)"
             )
         return self
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

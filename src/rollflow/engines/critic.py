@@ -9,6 +9,7 @@ Not covered: a value head sharing the policy's trunk (one backward for both; sav
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -46,6 +47,15 @@ class TorchCriticEngine:
         torch.nn.init.zeros_(self.model.head.weight)
         torch.nn.init.zeros_(self.model.head.bias)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.optimizer.defaults["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
 
     @torch.no_grad()
     def compute_values(self, batch: TrainBatch) -> torch.Tensor:

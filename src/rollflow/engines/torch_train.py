@@ -6,6 +6,7 @@ It is given the loss function; it knows nothing of RL. FSDP or DeepSpeed engines
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,11 +42,16 @@ def minibatch_updates(
 ) -> dict[str, float]:
     """``epochs`` shuffled passes over ``batch``, each cut into ``minibatches`` clipped optimizer updates of
     ``loss(minibatch)`` at ``lr_scale`` × each group's learning rate; returns every metric (and loss, grad_norm)
-    averaged over the updates."""
+    averaged over the updates.
+
+    An update whose loss or gradient norm is NaN or infinite is skipped: its gradients are dropped before the
+    optimizer sees them, so the weights and AdamW's moments and step count stay as they were. ``nonfinite_updates``
+    counts the skipped ones; every other metric averages the applied ones only, and is NaN when every update was
+    skipped."""
     if minibatches > len(batch):
         raise ValueError(f"cannot cut {len(batch)} samples into {minibatches} minibatches; lower minibatches_per_step")
-    totals: dict[str, float] = {}
-    updates = 0
+    totals: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
+    updates = skipped = 0
     base = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
         group["lr"] *= lr_scale
@@ -55,15 +61,21 @@ def minibatch_updates(
                 out = loss(mb)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip).item()
+                loss_value = out.loss.item()
+                if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    totals.update({k: totals.get(k, 0.0) for k in out.metrics})  # the same keys whatever is skipped
+                    continue
                 optimizer.step()
-                for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm.item(), **out.metrics}.items():
+                for k, v in {"loss": loss_value, "grad_norm": grad_norm, **out.metrics}.items():
                     totals[k] = totals.get(k, 0.0) + v
                 updates += 1
     finally:
         for group, lr in zip(optimizer.param_groups, base):
             group["lr"] = lr
-    return {k: v / updates for k, v in totals.items()}
+    return {**{k: v / updates if updates else math.nan for k, v in totals.items()}, "nonfinite_updates": float(skipped)}
 
 
 class AdamWTrainer:
@@ -96,6 +108,17 @@ class AdamWTrainer:
 
     def export_weights(self) -> VersionedWeights:
         return VersionedWeights.pack(self._version, self.model.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to continue training exactly: weights, optimizer, shuffling RNG, version."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "version": self._version}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self._version = state["version"]
 
 
 class TorchTrainEngine(AdamWTrainer):

@@ -9,12 +9,17 @@ both backends: ``ray`` puts every worker in its own actor, ``inline`` keeps them
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import inspect
+import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,23 +53,32 @@ from rollflow.api import (
     Task,
     TrajectoryCell,
 )
-from rollflow.config import Config, dump_config
-from rollflow.config.schema import RuntimeConfig
+from rollflow.config import Config, ConfigError, dump_config, load_config
+from rollflow.config.schema import RuntimeConfig, _flatten
 from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.hf_inference import HFInferenceEngine
-from rollflow.engines.models import TinyModelSpec, char_tokenizer, load_pretrained, save_pretrained, tiny_model
+from rollflow.engines.models import (
+    TinyModelSpec,
+    char_tokenizer,
+    load_pretrained,
+    load_tokenizer,
+    save_pretrained,
+    tiny_model,
+)
 from rollflow.engines.torch_train import TorchScorer, TorchTrainEngine
 from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
-from rollflow.runtime.controller import Controller, StepResult
+from rollflow.runtime.checkpoint import Checkpoints, RunDirError, read_meta
+from rollflow.runtime.controller import Controller, StepResult, TrainerLost
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.ledger import Ledger
+from rollflow.runtime.roles import REFERENCE as REFERENCE_WEIGHTS
 from rollflow.runtime.roles import ReferenceWorker, RewardWorker, TrainerWorker
 from rollflow.runtime.rollout import Limits, RolloutWorker
 from rollflow.runtime.stage import Stage
 from rollflow.runtime.staleness import StageTimes, StalenessBudget, StalenessTuner
 from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
-from rollflow.runtime.tracking import Tracker
+from rollflow.runtime.tracking import Resume, Tracker, read_metrics
 from rollflow.tasks import build_task
 from rollflow.tasks.latency import with_reward_latency
 from rollflow.tasks.reward_fn import call_reward_fn, check_reward
@@ -100,13 +114,20 @@ def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: i
     return sum(task.verify(problems[i], g.response_text).reward >= 1.0 for i, g in answers) / len(problems)
 
 
-def build_model(config: Config, task: Task) -> tuple[Any, Any]:
+def build_model(config: Config, alphabet: str) -> tuple[Any, Any]:
+    """The model and tokenizer ``config.model`` describes: a local checkpoint, or the built-in tiny model (seeded, so
+    every process that builds it gets the same weights) with a tokenizer made from the task's ``alphabet``."""
     if config.model.path:
         return load_pretrained(config.model.path)
     m = config.model
-    tokenizer = char_tokenizer(task.alphabet())
+    tokenizer = char_tokenizer(alphabet)
     spec = TinyModelSpec(m.hidden_size, m.layers, m.heads, m.intermediate_size, m.max_positions)
     return tiny_model(spec, tokenizer, config.seed), tokenizer
+
+
+def build_tokenizer(config: Config, alphabet: str) -> Any:
+    """The tokenizer alone, for the driver (which never holds the weights)."""
+    return load_tokenizer(config.model.path) if config.model.path else char_tokenizer(alphabet)
 
 
 def make_backend(runtime: RuntimeConfig) -> Backend:
@@ -134,9 +155,11 @@ def first_staleness(runtime: RuntimeConfig) -> int:
     return 0 if runtime.staleness == "auto" else runtime.staleness
 
 
-# Worker factories: run where the worker lives (an actor's process on Ray), so each engine is built there.
-def _rollout_worker(model: Any, tokenizer: Any, config: Config, index: int, transport: Any, payloads: Payloads, threads: int) -> RolloutWorker:
+# Worker factories: run where the worker lives (an actor's process on Ray), so each engine is built there, from the
+# config (a spec, not weights): a worker rebuilt after a crash then loads the current weights from the transport.
+def _rollout_worker(config: Config, alphabet: str, index: int, transport: Any, payloads: Payloads, threads: int) -> RolloutWorker:
     r, rt = config.rollout, config.runtime
+    model, tokenizer = build_model(config, alphabet)
     engine = HFInferenceEngine(model, tokenizer, rt.max_generate_batch, config.seed + index)
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     limits = Limits(episode=r.episode_timeout, engine=r.engine_timeout, env=r.env_timeout)
@@ -153,8 +176,8 @@ def score_text(verify: Callable[[Problem, str], RewardResult], problem: Problem,
     return RewardResult(result.reward, result.breakdown, cell.status) if cell.status is not Status.OK else result
 
 
-def _reward_worker(task: Task, concurrency: int) -> RewardWorker:
-    return RewardWorker(functools.partial(score_text, task.verify), concurrency)
+def _reward_worker(task: Task, concurrency: int, timeout: float | None) -> RewardWorker:
+    return RewardWorker(functools.partial(score_text, task.verify), concurrency, timeout)
 
 
 def has_signal(rows: list[SampleRow]) -> bool:
@@ -197,20 +220,22 @@ def _overlong(max_len: int, buffer: int, rewards: torch.Tensor, lengths: torch.T
     return rewards + overlong_penalty(lengths, max_len, buffer)
 
 
-def _trainer_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> TrainerWorker:
+def _trainer_worker(config: Config, alphabet: str, transport: Any, payloads: Payloads) -> TrainerWorker:
     t = config.train
+    model, tokenizer = build_model(config, alphabet)
     algorithm = build_algorithm(config)
     engine = TorchTrainEngine(model, lr=t.lr, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
                               temperature=config.rollout.temperature, seed=config.seed)
     critic = None
     if algorithm.needs_critic:  # the critic starts from the policy's weights (after SFT, when the recipe asks)
         critic = TorchCriticEngine(ValueModel(copy.deepcopy(model)), lr=config.algo.critic.lr, grad_clip=t.grad_clip, seed=config.seed)
-    step = TextPolicyStep(algorithm, pad_id, t.minibatches_per_step, t.epochs_per_step, t.whole_groups)
+    step = TextPolicyStep(algorithm, tokenizer.pad_token_id, t.minibatches_per_step, t.epochs_per_step, t.whole_groups)
     return TrainerWorker(engine, transport, step, payloads, critic)
 
 
-def _reference_worker(model: Any, pad_id: int, config: Config, transport: Any, payloads: Payloads) -> ReferenceWorker:
-    return ReferenceWorker(TorchScorer(model, config.rollout.temperature), transport, pad_id, payloads)
+def _reference_worker(config: Config, alphabet: str, transport: Any, payloads: Payloads) -> ReferenceWorker:
+    model, tokenizer = build_model(config, alphabet)
+    return ReferenceWorker(TorchScorer(model, config.rollout.temperature), transport, tokenizer.pad_token_id, payloads)
 
 
 def _save(tokenizer: Any, path: Path, model: Any) -> None:
@@ -250,38 +275,41 @@ class Workers:
     reward: WorkerGroup
     trainer: WorkerGroup
     reference: WorkerGroup | None  # only when the algorithm has a KL term
+    transport: Any  # the backend's weight transport, as the driver holds it
 
 
-def spawn_workers(backend: Backend, config: Config, task: Task, model: Any, tokenizer: Any) -> Workers:
-    """The worker groups of a run, placed as ``runtime`` says. Rollout and reference engines hold their own copy of
-    the weights and only ever change them by version."""
+def spawn_workers(backend: Backend, config: Config, task: Task) -> Workers:
+    """The worker groups of a run, placed as ``runtime`` says. Each builds its engine from the config; rollout and
+    reference engines then change weights only by version, from the transport. Every role but the trainer is
+    rebuilt by the backend if its worker dies (Ray); the trainer's state lives only in checkpoints."""
     rt = config.runtime
     transport, payloads = backend.weight_transport(), backend.payloads
     rollout_threads, trainer_threads = role_threads(rt, first_staleness(rt))
+    alphabet = task.alphabet()
     pool = None
     if rt.placement == "colocated":
         pool = "actor"
         backend.make_pool(pool, max(rt.rollout.num_cpus, rt.trainer.num_cpus), rt.rollout.workers + 1)
     rollout = WorkerGroup.spawn(backend, "rollout", RolloutWorker, [
-        functools.partial(_rollout_worker, copy.deepcopy(model), tokenizer, config, i, transport, payloads, rollout_threads)
+        functools.partial(_rollout_worker, config, alphabet, i, transport, payloads, rollout_threads)
         for i in range(rt.rollout.workers)
-    ], Resources(rt.rollout.num_cpus, 1, concurrency=rt.rollout.concurrency + 2, pool=pool))  # + eval, weights
+    ], Resources(rt.rollout.num_cpus, 1, concurrency=rt.rollout.concurrency + 2, pool=pool, restartable=True))  # + eval, weights
     reward = WorkerGroup.spawn(backend, "reward", RewardWorker, [
-        functools.partial(_reward_worker, task, rt.reward.concurrency) for _ in range(rt.reward.workers)
+        functools.partial(_reward_worker, task, rt.reward.concurrency, rt.reward.timeout) for _ in range(rt.reward.workers)
     ], Resources(rt.reward.num_cpus, rt.reward.torch_threads or 1, concurrency=rt.reward.concurrency, restartable=True))
     trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
-        functools.partial(_trainer_worker, model, tokenizer.pad_token_id, config, transport, payloads)
+        functools.partial(_trainer_worker, config, alphabet, transport, payloads)
     ], Resources(rt.trainer.num_cpus, trainer_threads, pool=pool))
     reference = None
     if config.algo.kl_coef > 0:
         reference = WorkerGroup.spawn(backend, "reference", ReferenceWorker, [
-            functools.partial(_reference_worker, copy.deepcopy(model), tokenizer.pad_token_id, config, transport, payloads)
+            functools.partial(_reference_worker, config, alphabet, transport, payloads)
             for _ in range(rt.reference.workers)
-        ], Resources(rt.reference.num_cpus, rt.reference.torch_threads or 1))
+        ], Resources(rt.reference.num_cpus, rt.reference.torch_threads or 1, restartable=True))
     # One wait for all groups, so that their workers are built at the same time; a factory that failed stops the run
     # here with its own error rather than at the first call.
     backend.wait_started([w for g in (rollout, reward, trainer, reference) if g is not None for w in g.workers])
-    return Workers(rollout, reward, trainer, reference)
+    return Workers(rollout, reward, trainer, reference, transport)
 
 
 def build_pipeline(config: Config, workers: Workers, task: Task, version: int, tracer: Tracer,
@@ -303,7 +331,7 @@ def build_pipeline(config: Config, workers: Workers, task: Task, version: int, t
     return Controller(
         SampleStore(columns), StalenessBudget(first_staleness(rt), config.samples_per_step), stages, workers.trainer,
         task.train_problems(config.seed), group_size=r.group_size, groups_per_step=r.groups_per_step,
-        version=version, max_retries=rt.max_retries, tracer=tracer,
+        version=version, max_retries=rt.max_retries, tracer=tracer, call_timeout=rt.call_timeout,
         keep_group=has_signal if config.algo.dynamic_sampling else None, max_dropped=config.algo.max_dropped_per_step,
         ledger=ledger,
     )
@@ -313,11 +341,12 @@ class AutoStaleness:
     """``runtime.staleness=auto`` in a run: feeds each step's measured stage times to a ``StalenessTuner`` and makes
     the workers follow the η it picks (threads per ``role_threads``, the controller's bound)."""
 
-    def __init__(self, config: Config, controller: Controller, workers: Workers) -> None:
+    def __init__(self, config: Config, controller: Controller, workers: Workers, tuner: StalenessTuner | None = None) -> None:
         rt = config.runtime
         self.runtime, self.controller, self.workers = rt, controller, workers
         n = cores(rt)
-        self.tuner = StalenessTuner(rt.auto_steps, split=n / max(1, n // 2)) if rt.staleness == "auto" else None
+        self.tuner = tuner if tuner is not None else (  # a resumed run keeps the η it settled
+            StalenessTuner(rt.auto_steps, split=n / max(1, n // 2)) if rt.staleness == "auto" else None)
         self.last_finished: float | None = None
 
     @property
@@ -354,9 +383,11 @@ class AutoStaleness:
         return f"runtime.staleness=auto: η={self.tuner.eta} ({self.tuner.reason})" if self.tuner.settled else None
 
 
-def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int) -> None:
+def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int,
+            stop: StopSignals | None = None) -> None:
     """Supervised warm start on reference solutions, lr decayed linearly to zero. The next batch is tokenised while
-    the trainer trains on this one."""
+    the trainer trains on this one. A stop signal ends it after the current step, without a checkpoint (the first
+    is written when SFT is done)."""
     stream = task.train_problems(config.seed + 1)
 
     def batch() -> Any:
@@ -368,6 +399,9 @@ def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tr
         call = trainer.submit(0, "sft", upcoming, sft_loss, config.sft.lr * (1 - step / steps))
         upcoming = batch() if step + 1 < steps else None
         m = trainer.backend.result(call)
+        if stop is not None and stop.requested is not None:
+            raise Stopped(f"stopped by {stop.requested} during SFT (step {step + 1} of {steps}); SFT is not "
+                          f"checkpointed, so start the run again with --overwrite")
         if (step + 1) % 50 == 0 or step == steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
             tracker.log_step(step + 1 - steps, {"sft/loss": m["loss"]}, advance=(step % 50) + 1)
 
@@ -378,11 +412,12 @@ def step_record(result: StepResult, elapsed: float) -> dict[str, Any]:
     rewards = torch.tensor([row[REWARD].result.reward for row in rows])
     n_tokens = sum(row[TRAJECTORY].size for row in rows)
     metrics = dict(result.train.metrics)
-    breakdown = rows[0][REWARD].result.breakdown
+    scored = [row for row in rows if row.status is not Status.INFRA_ERROR] or rows
+    breakdown = dict.fromkeys(k for row in scored for k in row[REWARD].result.breakdown)
     return {
         "reward/mean": rewards.mean().item(),
         "reward/std": rewards.std().item(),
-        **{f"reward/{k}": sum(row[REWARD].result.breakdown.get(k, 0.0) for row in rows) / len(rows) for k in breakdown},
+        **{f"reward/{k}": sum(row[REWARD].result.breakdown.get(k, 0.0) for row in scored) / len(scored) for k in breakdown},
         "status/not_ok": sum(row.status is not Status.OK for row in rows) / len(rows),
         "train/loss": metrics.pop("loss"),
         **{f"train/{k}": v for k, v in metrics.items() if "/" not in k},
@@ -397,95 +432,245 @@ def step_record(result: StepResult, elapsed: float) -> dict[str, Any]:
     }
 
 
-def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None = None) -> RunResult:
-    """Run the GRPO recipe described by ``config``. ``task`` replaces the configured task; ``reward_fn`` its verifier."""
-    t_start = time.perf_counter()
-    transformers.utils.logging.disable_progress_bar()  # our own bar is the run's progress
-    torch.set_num_threads(config.runtime.torch_threads)
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
+class Stopped(RuntimeError):
+    """The run was stopped by SIGINT or SIGTERM; a checkpoint was written first (unless it was still in SFT)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Several steps in a row had no finite loss; the last good step was checkpointed."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask the run to stop at its next step boundary, with a checkpoint; a second SIGINT stops
+    it at once (KeyboardInterrupt). Installed only in the main thread (Python delivers signals there)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._before: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._before[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._before.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Progress:
+    """What the recipe itself carries from step to step, saved in every checkpoint."""
+
+    acc_initial: float
+    acc_sft: float
+    sft_seconds: float
+    best: BestModel
+    evals: list[tuple[int, float, str]]
+    acc: float  # the latest held-out accuracy
+    nonfinite_streak: int = 0  # steps in a row without a finite update
+    tuner: StalenessTuner | None = None  # runtime.staleness=auto, once settled
+
+
+def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path | None:
+    """Check that the run directory may be used as asked; returns the checkpoint to resume from (``resume``).
+
+    A new run refuses a directory that holds anything unless ``overwrite`` (which empties it). A resumed run needs
+    the run's config.yaml, a config that changes only what ``RESUMABLE`` allows, and a whole checkpoint."""
     run_dir = Path(config.run_dir)
+    if resume:
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            raise RunDirError(f"cannot resume {str(run_dir)!r}: it has no config.yaml, so it is not a rollflow run "
+                              f"directory (give the run_dir of an earlier `rollflow train`)")
+        try:
+            saved = load_config(saved_path)
+        except ConfigError as e:
+            raise RunDirError(f"cannot resume {str(run_dir)!r}: its config.yaml no longer loads: {e}") from e
+        if differ := config.resume_differences(saved):
+            was, now = _flat(saved), _flat(config)
+            listed = "; ".join(f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in differ)
+            raise RunDirError(f"cannot resume {str(run_dir)!r} with a different config ({listed}); only "
+                              f"train.steps, eval.*, checkpoint.*, runtime.* and progress may change on resume")
+        checkpoint = Checkpoints(run_dir / "checkpoints").latest()
+        if checkpoint is None:
+            raise RunDirError(f"cannot resume {str(run_dir)!r}: it has no complete checkpoint (the run stopped before "
+                              f"its first, written after SFT); start it again with --overwrite")
+        done = read_meta(checkpoint)["step"]  # type: ignore[index]
+        if done >= config.train.steps:
+            raise RunDirError(f"{str(run_dir)!r} has already done {done} of train.steps={config.train.steps} steps; "
+                              f"resume with a larger train.steps to train on")
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        return checkpoint
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run_dir {str(run_dir)!r} already holds a run; continue it with `rollflow train --resume "
+                              f"{run_dir}`, start afresh with --overwrite (deletes it), or set another run_dir")
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
+    return None
 
+
+def _flat(config: Config) -> dict[str, Any]:
+    return _flatten(config.model_dump())
+
+
+def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None = None, *, resume: bool = False,
+          overwrite: bool = False) -> RunResult:
+    """Run the GRPO recipe described by ``config``. ``task`` replaces the configured task; ``reward_fn`` its verifier.
+
+    ``resume`` continues the run in ``config.run_dir`` from its newest checkpoint, to ``train.steps``; ``overwrite``
+    lets a new run replace what the directory holds. If the trainer dies, the run goes back to its last checkpoint
+    on its own, up to ``runtime.max_restarts`` times."""
+    transformers.utils.logging.disable_progress_bar()  # our own bar is the run's progress
+    torch.set_num_threads(config.runtime.torch_threads)
+    # The user's inputs first, before the run directory is touched or anything expensive is built.
     task = task or build_task(config.task, config.seed)
     if reward_fn is not None:
         task = with_reward_fn(task, reward_fn)
-    check_reward(task, config.seed)  # before any expensive work
+    check_reward(task, config.seed)
+    tokenizer = build_tokenizer(config, task.alphabet())
+    checkpoint = prepare_run_dir(config, resume, overwrite)
+    restarts = 0
+    with StopSignals() as stop:
+        while True:
+            try:
+                return _run(config, task, tokenizer, checkpoint, restarts, stop)
+            except TrainerLost as e:
+                checkpoint = Checkpoints(Path(config.run_dir) / "checkpoints").latest()
+                if restarts >= config.runtime.max_restarts or checkpoint is None:
+                    why = "no checkpoint to go back to" if checkpoint is None else \
+                        f"runtime.max_restarts={config.runtime.max_restarts} restarts used"
+                    raise RuntimeError(f"{e}; not restarting: {why}") from e
+                restarts += 1
+                _note(Path(config.run_dir), f"{e}: restarting from {checkpoint.name} (restart {restarts} of "
+                                            f"{config.runtime.max_restarts})")
+
+
+def _note(run_dir: Path, line: str) -> None:
+    print(line, file=sys.stderr)
+    with open(run_dir / "notes.log", "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, restarts: int, stop: StopSignals) -> RunResult:
+    """One attempt at the run: from the start, or from ``checkpoint``."""
+    t_start = time.perf_counter()
+    if checkpoint is None:
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+    run_dir = Path(config.run_dir)
     lat = config.reward_latency
     train_task = with_reward_latency(task, lat.median, lat.sigma, lat.max, config.seed) if lat.median > 0 else task
-    model, tokenizer = build_model(config, task)
     tokens = Tokens(tokenizer)
     t, rt = config.train, config.runtime
     tracer = Tracer(enabled=rt.trace)
+    checkpoints = Checkpoints(run_dir / "checkpoints", config.checkpoint.keep)
+    meta = read_meta(checkpoint) if checkpoint is not None else None
+    saved: dict[str, Any] = torch.load(checkpoint / "state.pt", weights_only=False) if checkpoint is not None else {}
 
     backend = make_backend(rt)
-    ledger = Ledger(run_dir / "ledger.jsonl")
+    ledger = Ledger(run_dir / "ledger.jsonl", append=meta is not None)
+    if meta is not None:
+        ledger.resumed(meta["step"], meta["ledger_bytes"])
     try:
-        workers = spawn_workers(backend, config, train_task, model, tokenizer)
+        workers = spawn_workers(backend, config, train_task)
         rollout, trainer = workers.rollout, workers.trainer
 
         def publish_and_eval() -> float:
             trainer.publish()
             return evaluate(rollout, task, tokens, config.eval.max_new_tokens)
 
-        history: list[dict[str, Any]] = []
-        with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress) as tracker:
-            best = BestModel(run_dir / "model" if config.eval.keep_best else None, tokenizer)
-            acc_initial = publish_and_eval()
-            tracker.log_eval(0, acc_initial, "initial")
-            best.offer(-config.sft.steps, acc_initial, rollout)
-            acc_sft, sft_seconds = acc_initial, 0.0
-            if config.sft.steps:
-                trainer.set_threads(config.sft.torch_threads)
-                sft_start = time.perf_counter()
-                run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id)
-                sft_seconds = time.perf_counter() - sft_start
-                acc_sft = publish_and_eval()
-                tracker.log_eval(0, acc_sft, "after SFT")
-                best.offer(0, acc_sft, rollout)
-            if rt.backend != "inline":  # inline workers share the driver's threads
-                trainer.set_threads(role_threads(rt, first_staleness(rt))[1])
-            trainer.set_lr(t.lr)
-            trainer.init_critic()
-            if workers.reference is not None:
-                workers.reference.freeze()  # the reference is the policy RL starts from (published just above)
-
+        resume_at = Resume(meta["step"], meta["metrics_bytes"], meta["rollouts_bytes"], saved["progress"].evals,
+                           meta["completed"]) if meta is not None else None
+        with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress, resume=resume_at) as tracker:
+            if meta is None:
+                progress = warm_start(config, workers, task, tokens, tracker, tokenizer, publish_and_eval, stop)
+                controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
+            else:
+                progress = saved["progress"]
+                progress.best.tokenizer = tokenizer
+                _restore_workers(config, workers, checkpoint, saved)
+                controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
+                controller.restore(saved["controller"], why=f"resumed from checkpoint step {meta['step']}")
+                tracker.note(f"resumed from {checkpoint} (step {meta['step']}, version {meta['version']})")
             # Everything built so far (torch, transformers, the model) lives until the end: keep it out of the
             # cyclic collector's scans, whose full passes over it otherwise stall a step now and then.
             gc.freeze()
-            controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
-            auto = AutoStaleness(config, controller, workers)
-            acc, rl_start, last = acc_sft, time.perf_counter(), time.perf_counter()
-            for result in controller.run(t.steps):
-                step, rows = result.step, [row for g in result.groups for row in g]
-                now = time.perf_counter()
-                elapsed, last = now - last, now
-                record = step_record(result, elapsed)
-                if (note := auto.observe(result)) is not None:
-                    tracker.note(note)
-                if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
-                    acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
-                    record["eval/accuracy"] = acc
-                    best.offer(step, acc, rollout)
-                tracker.log_step(step, record)
-                tracker.log_rollouts([{
-                    "uid": row.uid, "step": step, "group": row.group_id, "version": row[TRAJECTORY].version,
-                    "prompt": row[TASK].prompt, "response": row[TRAJECTORY].text,
-                    "reward": row[REWARD].result.reward, "breakdown": row[REWARD].result.breakdown, "status": row.status.value,
-                } for row in rows])
-                history.append({"step": step, **record})
+            auto = AutoStaleness(config, controller, workers, progress.tuner)
+
+            def save_checkpoint(step: int, why: str) -> Path:
+                progress.tuner = auto.tuner if auto.tuner is not None and auto.tuner.settled else None
+                return checkpoints.save(step, functools.partial(_write_checkpoint, workers, controller, tracker, ledger,
+                                                                progress, config.sft.steps + step, why))
+
+            if meta is None:
+                save_checkpoint(0, "after SFT")
+            history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0] if meta is not None else []
+            rl_start, last = time.perf_counter(), time.perf_counter()
+            steps = controller.run(t.steps)
+            try:
+                for result in steps:
+                    step, rows = result.step, [row for g in result.groups for row in g]
+                    now = time.perf_counter()
+                    elapsed, last = now - last, now
+                    record = step_record(result, elapsed)
+                    if (note := auto.observe(result)) is not None:
+                        tracker.note(note)
+                    if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
+                        progress.acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
+                        record["eval/accuracy"] = progress.acc
+                        progress.best.offer(step, progress.acc, rollout)
+                    tracker.log_step(step, record)
+                    tracker.log_rollouts([{
+                        "uid": row.uid, "step": step, "group": row.group_id, "version": row[TRAJECTORY].version,
+                        "prompt": row[TASK].prompt, "response": row[TRAJECTORY].text,
+                        "reward": row[REWARD].result.reward, "breakdown": row[REWARD].result.breakdown, "status": row.status.value,
+                    } for row in rows])
+                    history.append({"step": step, **record})
+                    finite = math.isfinite(record["train/loss"])
+                    progress.nonfinite_streak = 0 if finite else progress.nonfinite_streak + 1
+                    if progress.nonfinite_streak >= t.max_nonfinite_steps:
+                        # Skipped updates leave the weights as they were: the checkpoint holds the last good ones.
+                        path = save_checkpoint(step, "non-finite loss")
+                        raise NonFiniteLoss(
+                            f"{progress.nonfinite_streak} steps in a row (the last: step {step}) had no finite loss or "
+                            f"gradient (train/nonfinite_updates), so none was applied; checkpoint {path}; lower "
+                            f"train.lr or check the reward's scale, then `rollflow train --resume {run_dir}`")
+                    if stop.requested is not None:
+                        path = save_checkpoint(step, f"stopped by {stop.requested}")
+                        raise Stopped(f"stopped by {stop.requested} after step {step}; checkpoint {path}; continue with "
+                                      f"`rollflow train --resume {run_dir}`")
+                    if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
+                        save_checkpoint(step, "periodic" if step < t.steps else "final")
+            except (TrainerLost, Stopped, NonFiniteLoss, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                # A user error (a reward that raised) or a bug: keep what was finished since the last checkpoint.
+                if controller.between_steps and controller.trained > 0:
+                    path = save_checkpoint(controller.trained, f"stopped by {type(e).__name__}")
+                    e.add_note(f"checkpoint of step {controller.trained} written to {path}: fix the cause, then "
+                               f"`rollflow train --resume {run_dir}`")
+                raise
+            controller.close()
             rl_seconds = time.perf_counter() - rl_start
 
             if not config.eval.keep_best:
                 trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
-            pipeline = controller.pipeline_summary() if t.steps else {}
+            pipeline = controller.pipeline_summary() if t.steps > (meta["step"] if meta else 0) else {}
             summary = {
-                "accuracy_initial": acc_initial,
-                "accuracy_after_sft": acc_sft,
-                "accuracy_final": acc,
-                "accuracy_best": best.accuracy,
-                "best_step": best.step if config.eval.keep_best else None,  # ≤ 0: before RL (0 = after SFT)
+                "accuracy_initial": progress.acc_initial,
+                "accuracy_after_sft": progress.acc_sft,
+                "accuracy_final": progress.acc,
+                "accuracy_best": progress.best.accuracy,
+                "best_step": progress.best.step if config.eval.keep_best else None,  # ≤ 0: before RL (0 = after SFT)
                 "saved_model": "best" if config.eval.keep_best else "final",
                 "steps": t.steps,
                 "samples": t.steps * config.samples_per_step,
@@ -493,11 +678,15 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
                 "staleness": rt.staleness,
                 "staleness_chosen": auto.chosen,  # the η the run trained at (auto: after its first auto_steps steps)
                 "staleness_reason": auto.reason,
-                "wall_seconds": time.perf_counter() - t_start,
-                "sft_seconds": sft_seconds,  # the SFT steps alone, without evaluations
+                "resumed_from_step": meta["step"] if meta is not None else None,  # this attempt's start
+                "restarts": restarts,  # times the trainer died and the run went back to a checkpoint
+                "wall_seconds": time.perf_counter() - t_start,  # this attempt's
+                "sft_seconds": progress.sft_seconds,  # the SFT steps alone, without evaluations
                 "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
-                "samples_per_second": t.steps * config.samples_per_step / pipeline["pipeline_seconds"] if t.steps else 0.0,
+                "samples_per_second": (controller.trained - (meta["step"] if meta else 0)) * config.samples_per_step
+                / pipeline["pipeline_seconds"] if pipeline else 0.0,
                 "infra_retries": controller.infra_retries,
+                "faults": dict(controller.faults),
                 "dropped_groups": controller.dropped_groups,
                 "rejected_groups": controller.rejected_groups,
                 **pipeline,
@@ -509,3 +698,73 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
         ledger.close()
         backend.shutdown()
     return RunResult(run_dir, summary, history)
+
+
+def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tracker: Tracker, tokenizer: Any,
+               publish_and_eval: Callable[[], float], stop: StopSignals) -> Progress:
+    """Before RL: the initial evaluation, SFT and its evaluation; then the trainer, critic and reference set up
+    for RL."""
+    rt = config.runtime
+    rollout, trainer = workers.rollout, workers.trainer
+    best = BestModel(Path(config.run_dir) / "model" if config.eval.keep_best else None, tokenizer)
+    acc_initial = publish_and_eval()
+    tracker.log_eval(0, acc_initial, "initial")
+    best.offer(-config.sft.steps, acc_initial, rollout)
+    acc_sft, sft_seconds = acc_initial, 0.0
+    if config.sft.steps:
+        trainer.set_threads(config.sft.torch_threads)
+        sft_start = time.perf_counter()
+        run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id, stop)
+        sft_seconds = time.perf_counter() - sft_start
+        acc_sft = publish_and_eval()
+        tracker.log_eval(0, acc_sft, "after SFT")
+        best.offer(0, acc_sft, rollout)
+    if rt.backend != "inline":  # inline workers share the driver's threads
+        trainer.set_threads(role_threads(rt, first_staleness(rt))[1])
+    trainer.set_lr(config.train.lr)
+    trainer.init_critic()
+    if workers.reference is not None:
+        workers.transport.pin(REFERENCE_WEIGHTS)  # the policy RL starts from (published just above)
+        workers.reference.freeze()
+    return Progress(acc_initial, acc_sft, sft_seconds, best, list(tracker.evals), acc_sft)
+
+
+def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: dict[str, Any]) -> None:
+    """Put the workers back where the checkpoint left them: the trainer's state (published as its version), the
+    reference weights, each rollout engine's sampling RNG, and this process's RNGs."""
+    rt = config.runtime
+    trainer = workers.trainer
+    trainer.load_state(str(checkpoint / "trainer.pt"))
+    if workers.reference is not None:
+        workers.transport.pin(REFERENCE_WEIGHTS, torch.load(checkpoint / "reference.pt", weights_only=False))
+        workers.reference.freeze()
+    trainer.publish()
+    for i, state in enumerate(saved["rollout_rng"][: len(workers.rollout)]):
+        workers.rollout.backend.result(workers.rollout.submit(i, "set_rng_state", state))
+    eta = saved["controller"]["eta"]
+    if rt.backend != "inline":
+        rollout_threads, trainer_threads = role_threads(rt, eta)
+        workers.rollout.set_threads(rollout_threads)
+        trainer.set_threads(trainer_threads)
+    random.setstate(saved["python_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+
+
+def _write_checkpoint(workers: Workers, controller: Controller, tracker: Tracker, ledger: Ledger, progress: Progress,
+                      completed: int, why: str, folder: Path) -> dict[str, Any]:
+    """The files of one checkpoint (see ``Checkpoints.save``): the trainer's state (written by the trainer), the
+    reference weights, and the driver's state: the controller and store, every RNG, the recipe's progress."""
+    workers.trainer.save_state(str(folder / "trainer.pt"))
+    if workers.reference is not None:
+        torch.save(workers.transport.pinned(REFERENCE_WEIGHTS), folder / "reference.pt")
+    state = {
+        "controller": controller.snapshot(),
+        "rollout_rng": workers.rollout.rng_state(),
+        "python_rng": random.getstate(),
+        "torch_rng": torch.get_rng_state(),
+        "progress": dataclasses.replace(progress, best=dataclasses.replace(progress.best, tokenizer=None)),
+    }
+    torch.save(state, folder / "state.pt")
+    metrics_bytes, rollouts_bytes = tracker.sizes()
+    return {"version": controller.version, "why": why, "ledger_bytes": ledger.size(), "metrics_bytes": metrics_bytes,
+            "rollouts_bytes": rollouts_bytes, "completed": completed}

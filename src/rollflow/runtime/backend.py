@@ -85,8 +85,9 @@ class Backend(Protocol):
     name: str
     payloads: Payloads
 
-    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
-        """Start building worker ``name`` (``role/index``); may return before it is built."""
+    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources, *, cls_name: str | None = None) -> Any:
+        """Start building worker ``name`` (``role/index``), of class ``cls_name`` (which the backend may show, e.g. as
+        the worker's process title); may return before it is built."""
         ...
 
     def wait_started(self, workers: list[Any]) -> None:
@@ -100,6 +101,15 @@ class Backend(Protocol):
     def wait(self, calls: list[Any], timeout: float | None = None) -> list[Any]: ...
 
     def result(self, call: Any) -> Any: ...
+
+    def kill(self, worker: Any) -> bool:
+        """Kill ``worker`` as a crash would: its calls in flight fail as lost (``is_worker_lost``) and a restartable
+        worker is rebuilt by its factory. False where the backend cannot (a worker in this process)."""
+        ...
+
+    def ping(self, worker: Any) -> Any:
+        """A call that succeeds once ``worker`` takes calls (a worker being rebuilt fails it as lost)."""
+        ...
 
     def is_worker_lost(self, error: BaseException) -> bool: ...
 
@@ -149,7 +159,7 @@ class InlineBackend:
             weakref.finalize(self, _close, self._loop)
         return self._loop
 
-    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
+    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources, *, cls_name: str | None = None) -> Any:
         try:
             return factory()  # threads: this process's setting applies to every inline worker
         except Exception as e:
@@ -183,6 +193,12 @@ class InlineBackend:
         if call.error is not None:
             raise call.error
         return call.value
+
+    def kill(self, worker: Any) -> bool:
+        return False  # a call runs in this process: nothing to kill without killing the run
+
+    def ping(self, worker: Any) -> _Done:
+        return _Done(lambda: None)
 
     def is_worker_lost(self, error: BaseException) -> bool:
         return isinstance(error, WorkerLost)

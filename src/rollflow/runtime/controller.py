@@ -23,12 +23,14 @@ lost rollout is rolled out again), at most ``max_retries`` times a row; after th
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollflow.api import Reject, SampleRow, Status
+from rollflow.api import Reject, SampleRow, Status, TrajectoryCell
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.ledger import Ledger
 from rollflow.runtime.roles import TrainResult
@@ -38,6 +40,7 @@ from rollflow.runtime.store import SampleStore
 from rollflow.runtime.trace import Tracer
 
 TRAIN = "train"
+PROBE = "probe"  # a call asking a lost worker whether it is back
 
 
 @dataclass
@@ -55,6 +58,9 @@ class _Call:
     inputs: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # uid → the cells the call was given (a result
     # counts only if the row still holds these very cells: a retry may have cleared or replaced them meanwhile)
     groups: list[list[SampleRow]] = field(default_factory=list)  # the batch of a train call
+    sent: float = field(default_factory=time.time)
+    killed: bool = False  # its worker was killed for running past the call timeout
+    probe_of: str = ""  # a probe's stage
 
 
 def union_seconds(spans: list[tuple[float, float]]) -> float:
@@ -65,6 +71,11 @@ def union_seconds(spans: list[tuple[float, float]]) -> float:
             total += e - max(s, end)
             end = e
     return total
+
+
+class TrainerLost(RuntimeError):
+    """The trainer worker died during a step: its model and optimizer are gone, so the run goes back to its last
+    checkpoint (the recipe restarts it, up to ``runtime.max_restarts``)."""
 
 
 class Controller:
@@ -83,6 +94,7 @@ class Controller:
         keep_group: Callable[[list[SampleRow]], bool] | None = None,
         max_dropped: int = 0,
         ledger: Ledger | None = None,
+        call_timeout: float | None = None,
     ) -> None:
         if budget.batch_size != group_size * groups_per_step:
             raise ValueError(f"the staleness budget counts {budget.batch_size} samples per step but a step takes "
@@ -101,6 +113,12 @@ class Controller:
         self.group_size, self.groups_per_step = group_size, groups_per_step
         self.version0 = self.version = version  # trainer version when RL starts / now
         self.max_retries = max_retries
+        self.call_timeout = call_timeout  # a call running longer is hung: its worker is killed and replaced
+        self.trained = 0  # RL steps done
+        self.faults: Counter[str] = Counter()  # infrastructure faults by kind, since RL began
+        self.fault_log: list[str] = []  # one line per fault, for the recipe to show and keep (it empties the list)
+        self._down: set[tuple[str, int]] = set()  # (stage, worker) lost and not yet back: sent nothing
+        self._reprobe: list[tuple[str, int, float]] = []  # (stage, worker, when) lost workers to ask again
         self.tracer = tracer if tracer is not None else Tracer(enabled=False)
         self.ledger = ledger if ledger is not None else Ledger(None)
         self.keep_group = keep_group  # dynamic sampling: False drops a complete group before it is trained
@@ -120,9 +138,15 @@ class Controller:
         self._claimed: dict[str, set[int]] = {name: set() for name in self.stages}  # rows each stage works on now
         self._load = {name: [[0, 0] for _ in range(len(s.group))] for name, s in self.stages.items()}  # [calls, rows]
         self._rejected: set[int] = set()  # groups a workflow rejected, dropped once no stage works on them
+        self._drop_reason: dict[int, str] = {}  # why a group in _rejected is dropped, when no workflow rejected it
         self._lanes: dict[str, list[float]] = {}  # trace track → end time of each lane
         self._training = False
         self._pickups: list[tuple[float, float]] = []  # (pick-up delay, load seconds) since the last step
+
+    @property
+    def between_steps(self) -> bool:
+        """No train step is running: the trainer's state matches ``trained`` (a checkpoint may be taken)."""
+        return not self._training
 
     def set_staleness(self, eta: int) -> None:
         """Change η from now on (groups admitted earlier keep theirs)."""
@@ -130,40 +154,104 @@ class Controller:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, steps: int) -> Iterator[StepResult]:
-        """Train ``steps`` RL steps, yielding each as it finishes; admits exactly ``steps`` batches of samples."""
-        total, trained = steps * self.budget.batch_size, 0
+        """Train until ``steps`` RL steps are done in all (a restored controller goes on from its checkpoint),
+        yielding each as it finishes; admits exactly ``steps`` batches of samples."""
+        total = steps * self.budget.batch_size
         self.started = time.time()
         last_step_end = self.started
-        while trained < steps:
+        while self.trained < steps:
             self._feed(total)
             if not self._training:
                 self._maybe_train(last_step_end)
-            if not self._calls:
+            if not self._calls and not self._reprobe:
                 raise RuntimeError(f"pipeline stalled at version {self.version}: nothing in flight and no batch can be "
                                    f"formed ({self.store.counts()}); this is a bug in admission or the store")
-            for call in self.backend.wait(list(self._calls)):
+            timeout = self._watch()
+            for call in self.backend.wait(list(self._calls), timeout=timeout) if self._calls else time.sleep(timeout or 0) or []:
                 info = self._calls.pop(call)
+                if info.stage == PROBE:
+                    self._on_probe(call, info)
+                    continue
                 if info.stage != TRAIN:
                     self._on_output(call, info)
                     continue
-                result: TrainResult = self.backend.result(call)
+                try:
+                    result: TrainResult = self.backend.result(call)
+                except Exception as e:
+                    if self.backend.is_worker_lost(e):
+                        raise TrainerLost(f"the trainer was lost during step {self.trained + 1} "
+                                          f"({type(e).__name__})") from e
+                    raise
+                self.trained += 1
                 for row in (r for g in info.groups for r in g):
-                    self.ledger.record("trained", row.uid, step=trained + 1, version=result.version)
+                    self.ledger.record("trained", row.uid, step=self.trained, version=result.version)
                 self.ledger.flush()
                 self._training = False
                 self._dropped_this_step = self._rejected_this_step = 0
-                trained += 1
                 self.version = result.version
                 self.spans[TRAIN].append((result.started, result.finished))
-                if trained == steps:
+                if self.trained == steps:
                     self.finished = time.time()  # the pipeline's clock stops before the recipe's final eval
                 self.tracer.span("trainer", "train step", result.started, result.publish_started, version=result.version)
                 self.tracer.span("trainer", "publish weights", result.publish_started, result.finished, version=result.version)
                 # Start the next batch before handing the step to the recipe (its logging, an evaluation), so that
                 # with η = 0 the producers need not wait for it.
                 self._feed(total)
-                yield self._step_result(trained, info.groups, result, last_step_end)
+                yield self._step_result(self.trained, info.groups, result, last_step_end)
                 last_step_end = result.finished
+
+    def _watch(self) -> float | None:
+        """Kill the workers of calls running past ``call_timeout`` (hung: the backend replaces them and their calls
+        fail as lost, so their rows are produced again) and probe again the lost workers that are due; returns how
+        long until either may next be needed (None: no limit)."""
+        now, waits = time.time(), []
+        for column, worker, due in list(self._reprobe):
+            if due <= now:
+                self._reprobe.remove((column, worker, due))
+                self._probe(column, worker)
+            else:
+                waits.append(due - now)
+        if self.call_timeout is not None:
+            for info in self._calls.values():
+                if info.stage == PROBE:
+                    continue
+                late = now - info.sent - self.call_timeout
+                if late < 0:
+                    waits.append(-late)
+                elif not info.killed:
+                    self._kill_hung(info, now)
+        return max(min(waits), 0.05) if waits else None
+
+    def _kill_hung(self, info: _Call, now: float) -> None:
+        group = self.trainer if info.stage == TRAIN else self.stages[info.stage].group
+        info.killed = self.backend.kill(group.workers[info.worker])
+        if info.killed:
+            self.faults["hung_killed"] += 1
+            self._log(f"{group.name}/{info.worker}: a call ran past runtime.call_timeout={self.call_timeout:g} s; "
+                      f"killed, to be replaced")
+            self.tracer.instant(f"{group.name}/{info.worker}", "killed: hung", now, timeout=self.call_timeout)
+            for uid in info.inputs:
+                self.ledger.record("hung", uid, column=info.stage, timeout=self.call_timeout)
+
+    def _probe(self, column: str, worker: int) -> None:
+        """Ask lost worker ``worker`` of stage ``column`` whether it is back (rebuilt by the backend)."""
+        self._calls[self.backend.ping(self.stages[column].group.workers[worker])] = _Call(PROBE, worker, probe_of=column)
+
+    def _on_probe(self, call: Any, info: _Call) -> None:
+        try:
+            self.backend.result(call)
+        except Exception as e:
+            if not self.backend.is_worker_lost(e):
+                raise
+            self._reprobe.append((info.probe_of, info.worker, time.time() + 0.25))  # still being rebuilt
+            return
+        self._down.discard((info.probe_of, info.worker))
+        group = self.stages[info.probe_of].group
+        self._log(f"{group.name}/{info.worker} is back")
+        self.tracer.instant(f"{group.name}/{info.worker}", "worker back", time.time())
+
+    def _log(self, line: str) -> None:
+        self.fault_log.append(line)
 
     def _feed(self, total: int) -> None:
         """Admit what the budget allows, then give every stage the rows waiting for it."""
@@ -188,12 +276,13 @@ class Controller:
         groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._rejected]
         if not stage.whole_groups:
             groups = [[u] for g in groups for u in g]
-        open_workers = sum(calls < stage.calls_per_worker for calls, _ in load)
+        up = [i for i in range(len(stage.group)) if (stage.column, i) not in self._down]
+        open_workers = sum(load[i][0] < stage.calls_per_worker for i in up)
         if not groups or not open_workers:
             return
         per_call = min(stage.groups_per_call, -(-len(groups) // open_workers))
         for k in range(0, len(groups), per_call):
-            free = [i for i in range(len(stage.group)) if load[i][0] < stage.calls_per_worker]
+            free = [i for i in up if load[i][0] < stage.calls_per_worker]
             if not free:
                 return
             i = min(free, key=lambda w: (load[w][1], load[w][0]))
@@ -254,6 +343,9 @@ class Controller:
             return
         if gid in self._rejected:
             self._rejected.discard(gid)
+            if gid in self._drop_reason:  # not the workflow's doing: not counted against it
+                self._drop(gid, uids, self._drop_reason.pop(gid))
+                return
             self._drop(gid, uids, "rejected by its workflow")
             self.rejected_groups += 1
             self._rejected_this_step += 1
@@ -276,19 +368,36 @@ class Controller:
             self.ledger.record("dropped", uid, group=gid, why=why)
 
     def _lost(self, error: Exception, info: _Call, stage: Stage) -> None:
-        """A call failed. A lost worker (the backend says so) is an infrastructure fault: its rows go back to be
-        produced again. Anything else is a bug or a user error and stops the run with its own message."""
-        uids = [u for u in info.inputs if u in self.store]
-        if not self.backend.is_worker_lost(error) or any(self._retries.get(u, 0) >= self.max_retries for u in uids):
+        """A call failed. A lost worker (the backend says so, and rebuilds it) is an infrastructure fault: the worker is
+        sent nothing until a probe finds it back, and its rows go back to be produced again, at most ``max_retries``
+        times a row, after which the row's group is dropped (counted, with why). Any other error is a bug or a user
+        error and stops the run with its own message."""
+        if not self.backend.is_worker_lost(error):
             raise error
-        self.tracer.instant(f"{stage.group.name}/{info.worker}", "worker lost", time.time(), error=type(error).__name__)
-        for uid in uids:
-            self._retry(uid, stage.column, f"worker lost: {type(error).__name__}")
+        where = f"{stage.group.name}/{info.worker}"
+        if (stage.column, info.worker) not in self._down:
+            self._down.add((stage.column, info.worker))
+            self.faults["worker_lost"] += 1
+            self._log(f"{where} lost ({type(error).__name__}): its rows go back to be produced again")
+            self.tracer.instant(where, "worker lost", time.time(), error=type(error).__name__)
+            self._probe(stage.column, info.worker)
+        for uid in [u for u in info.inputs if u in self.store]:
+            if self._retries.get(uid, 0) >= self.max_retries:
+                gid = self.store.group_of(uid)
+                self.faults["dropped_after_faults"] += 1
+                self._log(f"sample {uid} was on a lost worker {self._retries[uid] + 1} times: its group {gid} is "
+                          f"dropped (runtime.max_retries={self.max_retries})")
+                self._rejected.add(gid)  # dropped once no stage works on it, like a rejected group
+                self._drop_reason[gid] = f"its worker was lost {self._retries[uid] + 1} times"
+                continue
+            self._retry(uid, stage.column, f"worker lost: {type(error).__name__}", event="readmitted")
+        for gid in {self.store.group_of(u) for u in info.inputs if u in self.store}:
+            self._settle(gid)
 
-    def _retry(self, uid: int, column: str, why: str) -> None:
+    def _retry(self, uid: int, column: str, why: str, event: str = "retried") -> None:
         self._retries[uid] = self.store.retry(uid, column)
         self.infra_retries += 1
-        self.ledger.record("retried", uid, column=column, why=why)
+        self.ledger.record(event, uid, column=column, why=why)
 
     def _inputs(self, column: str, uid: int) -> tuple[Any, ...]:
         cells = self.store.cells(uid)
@@ -340,6 +449,8 @@ class Controller:
             "queue/sample_latency_s": _mean([r.duration for r in rows]),
             "queue/trainer_wait_s": max(0.0, result.started - last_step_end),
             "staleness/eta": float(self.budget.eta),
+            "faults/infra_retries": float(self.infra_retries),  # cumulative, like the counts below
+            **{f"faults/{kind}": float(n) for kind, n in sorted(self.faults.items())},
         }
         for name in self.stages:  # busy time of each stage since the previous step's metrics
             metrics[f"time/{name}"] = union_seconds(self.spans[name][self._mark[name]:])
@@ -349,6 +460,60 @@ class Controller:
             metrics["weights/load_s"] = _mean([s for _, s in self._pickups])
             self._pickups = []
         return StepResult(step, groups, result, metrics)
+
+    def close(self) -> None:
+        """The run's steps are done: the rows still in the store (admitted ahead within the staleness bound) are
+        recorded as ``unfinished``."""
+        for uid in self.store.uids():
+            self.ledger.record("unfinished", uid)
+        self.ledger.flush()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """The state a checkpoint needs, taken between steps: the budget, versions, counters, the task stream's
+        position and the store, every produced trajectory resolved from the payload store (a handle would not
+        outlive this run). Calls in flight are not saved: their rows are saved without what those calls would have
+        written, and are produced again after a restore."""
+        cells = [c for uid in self.store.uids() for c in self.store.cells(uid).values() if isinstance(c, TrajectoryCell)]
+        full = dict(zip(map(id, cells), self.backend.payloads.get([c.payload for c in cells])))
+
+        def pack(row: dict[str, Any]) -> dict[str, Any]:
+            return {k: dataclasses.replace(c, payload=full[id(c)]) if id(c) in full else c for k, c in row.items()}
+
+        return {
+            "store": self.store.snapshot(pack), "admitted": self.budget.admitted, "eta": self.budget.eta,
+            "version0": self.version0, "version": self.version, "trained": self.trained, "next_group": self._next_group,
+            "retries": dict(self._retries), "rejected": set(self._rejected), "drop_reason": dict(self._drop_reason),
+            "infra_retries": self.infra_retries,
+            "dropped_groups": self.dropped_groups, "rejected_groups": self.rejected_groups, "faults": dict(self.faults),
+        }
+
+    def restore(self, state: dict[str, Any], why: str) -> None:
+        """Continue from ``snapshot``'s state (a new controller, before ``run``): the task stream is advanced past
+        the groups already drawn, and every row the store held is re-admitted (ledger: ``readmitted``, ``why``)."""
+        if self._next_group or self._calls:
+            raise RuntimeError("restore a controller before it runs")
+        for _ in range(state["next_group"]):
+            next(self.tasks)
+        self._next_group = state["next_group"]
+        trajectories = [c for row in state["store"]["rows"].values() for c in row.cells.values() if isinstance(c, TrajectoryCell)]
+        handles = dict(zip(map(id, trajectories), self.backend.payloads.put([c.payload for c in trajectories])))
+
+        def unpack(row: dict[str, Any]) -> dict[str, Any]:
+            return {k: dataclasses.replace(c, payload=handles[id(c)]) if id(c) in handles else c for k, c in row.items()}
+
+        self.store.restore(state["store"], unpack)
+        self.budget.admitted = state["admitted"]
+        self.budget.set_eta(state["eta"])
+        self.version0, self.version, self.trained = state["version0"], state["version"], state["trained"]
+        self._retries, self._rejected = dict(state["retries"]), set(state["rejected"])
+        self._drop_reason = dict(state["drop_reason"])
+        self.infra_retries, self.faults = state["infra_retries"], Counter(state["faults"])
+        self.dropped_groups, self.rejected_groups = state["dropped_groups"], state["rejected_groups"]
+        for uid in self.store.uids():
+            self.ledger.record("readmitted", uid, why=why)
+        for gid in list(self._rejected):
+            self._settle(gid)
 
     def pipeline_summary(self) -> dict[str, float]:
         """How busy the pipeline was over ``run``: the producers' (any stage running) and the trainer's busy time,

@@ -59,7 +59,8 @@ class WorkerGroup:
 
     @classmethod
     def spawn(cls, backend: Backend, name: str, worker_cls: type, factories: list[Callable[[], Any]], resources: Resources) -> WorkerGroup:
-        return cls(name, [backend.spawn(f"{name}/{i}", f, resources) for i, f in enumerate(factories)], backend, worker_cls)
+        workers = [backend.spawn(f"{name}/{i}", f, resources, cls_name=worker_cls.__name__) for i, f in enumerate(factories)]
+        return cls(name, workers, backend, worker_cls)
 
     def __len__(self) -> int:
         return len(self.workers)

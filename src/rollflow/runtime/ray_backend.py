@@ -1,11 +1,22 @@
 """The Ray backend: every worker is a Ray actor, the controller stays in the driver.
 
-Bulk values never pass through the driver: a rollout worker ``ray.put``s its generations and hands the controller
-small handles, which the trainer resolves from the object store; the trainer ``ray.put``s each weight version and
-posts only its reference on a tiny board actor, from which rollout workers fetch it at their next safe point.
+Bulk values never pass through the driver, and outlive the worker that made them. What a worker ``put``s during a
+call leaves with the call, as its second return value: the caller (the driver) owns a call's returns, so Ray keeps
+them when the worker's process dies, where an object the worker ``ray.put`` itself would die with it (Ray 2.60 has
+no ``ray.put(_owner=...)``). Inside the call ``put`` hands out placeholders; the driver, taking the call's result,
+turns them into handles on that second return without fetching it, and the worker that consumes them fetches it
+from the object store. The trainer ``ray.put``s each weight version and posts only its reference on a tiny board
+actor, from which rollout workers fetch it at their next safe point.
 
-On one machine ``RayBackend`` starts a private Ray with the configured CPUs; with ``address='auto'`` (or
-``host:port``) it joins a cluster started by ``ray start`` and leaves it running afterwards.
+Workers can be told apart from outside. Each actor is named after its worker (``rollout/0`` → ``rollout-0``) in
+its backend's namespace, ``rollflow-<driver pid>-<n>``, given per actor so that it holds whether the backend started
+Ray or joined one: two runs on one cluster never collide. Its class is named after the worker's, so its process
+shows as ``ray::RolloutWorker``. ``kill`` ends an actor's process as a crash would; Ray rebuilds a restartable
+worker from its factory, and until it is back fails every call sent to it (``pid`` waits for it).
+
+On one machine ``RayBackend`` starts a private Ray with the configured CPUs, without a dashboard (so without
+``ray list actors``: ``ray.get_actor(name, namespace)`` finds a worker); with ``address='auto'`` (or ``host:port``)
+it joins a cluster started by ``ray start`` and leaves it running afterwards.
 
 A worker's factory is pickled to its actor, and what it holds by reference (a user's reward function from a module)
 must be importable there. Ray itself passes on only the driver's working directory and script directory, as they
@@ -17,12 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
+import functools
 import gc
 import inspect
+import itertools
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +50,32 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rollflow.api import VersionedWeights
 from rollflow.runtime.backend import Resources, WorkerLost, WorkerStartError, in_interpreter
 
+# The values ``RayPayloads.put`` was given during the call this context runs (None: not in a call).
+_OUTBOX: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("rollflow_outbox", default=None)
 
-@ray.remote
+
+@dataclass(frozen=True)
+class _Pending:
+    """A value put during a call: element ``index`` of the call's second return (an ``ObjectHandle`` once the
+    driver has the call's result)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class _Carrying:
+    """A call's result that holds ``_Pending`` handles (the driver looks for them only in such results)."""
+
+    result: Any
+
+
 class _Host:
     """Hosts one worker object; ``call`` runs a method of it. Threads are set before the worker is built. An async
     method runs on the host's event loop (one thread, started at the first such call), so that every call in flight
     (up to the actor's ``max_concurrency``) shares it: a rollout worker's episodes from many calls batch together.
+
+    ``call`` returns the method's result and the values it put (see the module docstring). ``pid`` runs in a
+    concurrency group of its own, so it answers while the worker is busy (a test or a benchmark about to kill it).
 
     A factory that raises leaves the actor alive with the error in one line, for ``start_error``: Ray's own report
     of a failed constructor is a traceback of its machinery, printed after the fact (and a restartable actor would
@@ -61,19 +97,29 @@ class _Host:
     def start_error(self) -> str | None:
         return self.error
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    @ray.method(concurrency_group="control")
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(num_returns=2)
+    def call(self, method: str, *args: Any, **kwargs: Any) -> tuple[Any, list[Any] | None]:
         if self.error is not None:
             raise WorkerStartError(self.error)
         # OpenMP's thread count is per calling thread; a threaded actor runs calls off the main thread, where it would
         # otherwise fall back to Ray's OMP_NUM_THREADS.
         torch.set_num_threads(self.torch_threads)
         fn = getattr(self.worker, method)
+        outbox: list[Any] = []
         if inspect.iscoroutinefunction(fn):
-            return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self._loop()).result()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.torch_threads = torch.get_num_threads()  # a call may change it (the trainer's ``set_threads``)
+            result = asyncio.run_coroutine_threadsafe(_with_outbox(outbox, fn(*args, **kwargs)), self._loop()).result()
+        else:
+            token = _OUTBOX.set(outbox)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                _OUTBOX.reset(token)
+                self.torch_threads = torch.get_num_threads()  # a call may change it (the trainer's ``set_threads``)
+        return (_Carrying(result), outbox) if outbox else (result, None)
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         with self.loop_lock:
@@ -81,6 +127,20 @@ class _Host:
                 self.loop = asyncio.new_event_loop()
                 threading.Thread(target=self.loop.run_forever, name="episodes", daemon=True).start()
             return self.loop
+
+
+async def _with_outbox(outbox: list[Any], coro: Coroutine[Any, Any, Any]) -> Any:
+    # Set inside the task that runs the call: the loop thread's context is not the calling thread's, and every task
+    # has its own copy of it, so the calls in flight on one loop keep separate outboxes.
+    _OUTBOX.set(outbox)
+    return await coro
+
+
+@functools.cache
+def _host_class(cls_name: str) -> Any:
+    """The remote ``_Host`` class named ``cls_name``: Ray names an actor's process after its class."""
+    host = type(cls_name, (_Host,), {"__module__": __name__, "__qualname__": cls_name})
+    return ray.remote(concurrency_groups={"control": 1})(host)
 
 
 @dataclass(frozen=True)
@@ -92,22 +152,75 @@ class ObjectHandle:
 
 
 class RayPayloads:
-    def put(self, values: list[Any]) -> list[ObjectHandle]:
-        ref = ray.put(list(values))
-        return [ObjectHandle(ref, i) for i in range(len(values))]
+    """``put`` during a worker's call sends the values out with the call's return (they outlive the worker). Anywhere
+    else it ``ray.put``s them, owned by that process: on the driver, and on a thread that does not carry the call's
+    context (an executor's thread does not; ``asyncio.to_thread`` does)."""
+
+    def put(self, values: list[Any]) -> list[ObjectHandle | _Pending]:
+        outbox = _OUTBOX.get()
+        if outbox is None:
+            ref = ray.put(list(values))
+            return [ObjectHandle(ref, i) for i in range(len(values))]
+        first = len(outbox)
+        outbox.extend(values)
+        return [_Pending(first + i) for i in range(len(values))]
 
     def get(self, handles: list[Any]) -> list[Any]:
+        pending = [h for h in handles if isinstance(h, _Pending)]
+        if pending:
+            raise ValueError(f"payload handle {pending[0]} is read before the call that put it returned it to the "
+                             "driver: a handle becomes readable once the driver has the call's result, and only where "
+                             "that result holds it in a list, tuple, dict or dataclass")
         refs = list({h.ref: None for h in handles if isinstance(h, ObjectHandle)})
         lists = dict(zip(refs, ray.get(refs)))
         return [lists[h.ref][h.index] if isinstance(h, ObjectHandle) else h for h in handles]
 
 
+def _fill(value: Any, bulk: ray.ObjectRef) -> Any:
+    """``value`` with each ``_Pending`` in it (through lists, tuples, dicts and dataclasses) made a handle on
+    ``bulk``; what holds none is returned as it is."""
+    if isinstance(value, _Pending):
+        return ObjectHandle(bulk, value.index)
+    if type(value) in (list, tuple):
+        items = [_fill(v, bulk) for v in value]
+        return type(value)(items) if any(a is not b for a, b in zip(items, value)) else value
+    if type(value) is dict:
+        filled = {k: _fill(v, bulk) for k, v in value.items()}
+        return filled if any(filled[k] is not v for k, v in value.items()) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changed = {}
+        for f in dataclasses.fields(value):
+            if f.init and (new := _fill(old := getattr(value, f.name), bulk)) is not old:
+                changed[f.name] = new
+        return dataclasses.replace(value, **changed) if changed else value
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class RayCall:
+    """A submitted call: ``ref`` its result, ``bulk`` the values it put (kept with the call, so a call dropped
+    unread leaves nothing behind)."""
+
+    ref: ray.ObjectRef
+    bulk: ray.ObjectRef | None
+
+
 @ray.remote(num_cpus=0)
 class _WeightBoard:
-    """Holds the reference of the newest weight version (the weights themselves stay in the object store)."""
+    """Holds the reference of the newest weight version and of the pinned ones (the weights themselves stay in the
+    object store)."""
 
     def __init__(self) -> None:
         self.version, self.box = -1, [None]
+        self.pins: dict[str, list[ray.ObjectRef | None]] = {}
+
+    def pin(self, name: str, box: list[ray.ObjectRef] | None) -> None:
+        if box is None and self.box[0] is None:
+            raise ValueError(f"nothing to pin as {name!r}: no version published yet")
+        self.pins[name] = box if box is not None else self.box
+
+    def pinned(self, name: str) -> list[ray.ObjectRef | None]:
+        return self.pins.get(name, [None])
 
     def post(self, version: int, box: list[ray.ObjectRef]) -> None:
         if version <= self.version:
@@ -130,6 +243,13 @@ class RayWeightTransport:
     def latest(self, newer_than: int) -> VersionedWeights | None:
         version, box = ray.get(self.board.newest.remote())
         return ray.get(box[0]) if version > newer_than else None
+
+    def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
+        ray.get(self.board.pin.remote(name, None if weights is None else [ray.put(weights)]))
+
+    def pinned(self, name: str) -> VersionedWeights | None:
+        [ref] = ray.get(self.board.pinned.remote(name))
+        return None if ref is None else ray.get(ref)
 
 
 def driver_import_path() -> str:
@@ -158,6 +278,9 @@ def _last_line(error: ray.exceptions.RayActorError) -> str:
     return lines[-1].strip() if lines else type(error).__name__
 
 
+_backends = itertools.count()  # numbers this process's backends, for their namespaces
+
+
 class RayBackend:
     name = "ray"
 
@@ -171,13 +294,18 @@ class RayBackend:
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
         elif self.owns_ray:
             ray.init(address=address, log_to_driver=True)
+        self.namespace = f"rollflow-{os.getpid()}-{next(_backends)}"
         self.payloads = RayPayloads()
         self._pools: dict[str, Any] = {}
         self._actors: list[Any] = []
         self._names: dict[Any, str] = {}
 
-    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources) -> Any:
+    def spawn(self, name: str, factory: Callable[[], Any], resources: Resources, *, cls_name: str | None = None) -> Any:
+        """An actor named after the worker (``rollout/0`` → ``rollout-0``) in this backend's namespace, whose process
+        is named after ``cls_name`` (``ray::RolloutWorker``; ``ray::RollflowWorker`` when not given)."""
         options: dict[str, Any] = {
+            "name": name.replace("/", "-"),
+            "namespace": self.namespace,
             "num_cpus": resources.num_cpus,
             "max_concurrency": resources.concurrency,
             "max_restarts": -1 if resources.restartable else 0,
@@ -188,7 +316,8 @@ class RayBackend:
             pg, share = self._pools[resources.pool]
             options["num_cpus"] = share
             options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-        actor = _Host.options(**options).remote(name, factory, resources.torch_threads)
+        host = _host_class(cls_name or "RollflowWorker")
+        actor = host.options(**options).remote(name, factory, resources.torch_threads)
         self._actors.append(actor)
         self._names[actor] = name
         return actor
@@ -212,15 +341,39 @@ class RayBackend:
         ray.get(pg.ready())
         self._pools[name] = (pg, num_cpus / members)
 
-    def submit(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        return worker.call.remote(method, *args, **kwargs)
+    def submit(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> RayCall:
+        return RayCall(*worker.call.remote(method, *args, **kwargs))
 
-    def wait(self, calls: list[ray.ObjectRef], timeout: float | None = None) -> list[ray.ObjectRef]:
-        ready, _ = ray.wait(calls, num_returns=1, timeout=timeout, fetch_local=True)
-        return ready
+    def wait(self, calls: list[RayCall], timeout: float | None = None) -> list[RayCall]:
+        by_ref = {c.ref: c for c in calls}
+        ready, _ = ray.wait(list(by_ref), num_returns=1, timeout=timeout, fetch_local=True)
+        return [by_ref[r] for r in ready]
 
-    def result(self, call: ray.ObjectRef) -> Any:
-        return ray.get(call)
+    def result(self, call: RayCall) -> Any:
+        value = ray.get(call.ref)
+        return _fill(value.result, call.bulk) if isinstance(value, _Carrying) else value
+
+    def kill(self, worker: Any) -> bool:
+        """Kill the worker's process as a crash would: its calls in flight fail as lost; a restartable worker is
+        rebuilt by its factory and takes the calls submitted from now on."""
+        ray.kill(worker, no_restart=False)
+        return True
+
+    def pid(self, worker: Any, timeout: float = 60.0) -> int:
+        """The worker's process id. It answers while the worker is busy, and waits (up to ``timeout`` seconds) while
+        Ray rebuilds a killed worker, during which every call to it fails as lost: Ray sends a restarting actor no
+        calls, it fails them at once."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return ray.get(worker.pid.remote())
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def ping(self, worker: Any) -> RayCall:
+        return RayCall(worker.pid.remote(), None)
 
     def is_worker_lost(self, error: BaseException) -> bool:
         lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, WorkerLost)

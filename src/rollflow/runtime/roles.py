@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from rollflow.api import (
     RewardResult,
     SampleRow,
     ScoringEngine,
+    Status,
     TrainBatch,
     TrainEngine,
     TrainStep,
@@ -31,6 +32,9 @@ from rollflow.api import (
 from rollflow.runtime.backend import LocalPayloads, Payloads
 from rollflow.runtime.group import Mode, dispatch
 from rollflow.runtime.stage import Produced, StageOutput
+from rollflow.runtime.threads import DaemonPool
+
+REFERENCE = "reference"  # the pinned weights the reference policy scores with
 
 
 class ReferenceWorker:
@@ -42,17 +46,19 @@ class ReferenceWorker:
 
     @dispatch(Mode.BROADCAST)
     def freeze(self) -> int:
-        """Take the newest published weights (the policy RL starts from) for good; returns their version."""
-        latest = self.transport.latest(newer_than=self.engine.version)
-        if latest is not None:
-            self.engine.load_weights(latest)
+        """Load the reference weights the driver pinned (``transport.pin(REFERENCE)``: the policy RL starts from)
+        and keep them; returns their version. A worker rebuilt after a crash loads them again at its first call."""
         if self.engine.version < 0:
-            raise RuntimeError("the reference policy found no published weights: publish the policy before freezing it")
+            pinned = self.transport.pinned(REFERENCE)
+            if pinned is None:
+                raise RuntimeError("the reference policy found no pinned weights: pin the policy before freezing it")
+            self.engine.load_weights(pinned)
         return self.engine.version
 
     def score(self, items: list[tuple[int, TrajectoryCell]]) -> StageOutput:
         """``items``: (uid, trajectory cell). Each value: the reference log-prob of every token of the trajectory
         (``api.engines`` convention: entry t scores token t given tokens before it)."""
+        self.freeze()
         started = time.time()
         trajectories = self.payloads.get([cell.payload for _, cell in items])
         logp = self.engine.compute_logprobs(TrainBatch.from_trajectories(trajectories, self.pad_id))  # (B, T)
@@ -62,12 +68,23 @@ class ReferenceWorker:
 
 
 class RewardWorker:
-    """Scores samples, ``concurrency`` at a time (threads: slow verifiers mostly wait). ``score(task, trajectory
-    cell)`` is the recipe's: it reads the light cell (the text, the status, a reward the environment gave)."""
+    """Scores samples, ``concurrency`` at a time over all of its calls (threads: slow verifiers mostly wait).
+    ``score(task, trajectory cell)`` is the recipe's: it reads the light cell (the text, the status, a reward the
+    environment gave).
 
-    def __init__(self, score: Callable[[Any, TrajectoryCell], RewardResult], concurrency: int = 1) -> None:
-        self.score_one = score
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="reward") if concurrency > 1 else None
+    With a ``timeout``, a sample whose score runs longer than ``timeout`` seconds (counted from when a thread takes
+    it) is given up on: its value is ``infra_error`` with the breakdown ``{"timeout_s": timeout}`` (the controller
+    scores it again on the same trajectory, up to its retries, then masks it). Python cannot kill a thread: the hung
+    one is abandoned, still running, and a fresh thread takes its place (``runtime.threads.DaemonPool``); the Ray
+    backend's call timeout can also kill a worker process that hangs as a whole."""
+
+    def __init__(self, score: Callable[[Any, TrajectoryCell], RewardResult], concurrency: int = 1,
+                 timeout: float | None = None) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"reward timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.score_one, self.timeout = score, timeout
+        # Concurrency 1 without a timeout scores in the caller's thread: nothing to overlap, nothing to give up on.
+        self.pool = DaemonPool(concurrency, "reward") if concurrency > 1 or timeout is not None else None
 
     def _one(self, item: tuple[int, Any, TrajectoryCell]) -> Produced:
         uid, task, cell = item
@@ -76,9 +93,29 @@ class RewardWorker:
         return Produced(uid, RewardCell(result, time.perf_counter() - t), started, time.time())
 
     def score(self, items: list[tuple[int, Any, TrajectoryCell]]) -> StageOutput:
-        if self.pool is None or len(items) == 1:
+        if self.pool is None:
             return StageOutput([self._one(item) for item in items])
-        return StageOutput(list(self.pool.map(self._one, items)))
+        pending = {self.pool.submit(self._one, item): i for i, item in enumerate(items)}
+        values: list[Produced | None] = [None] * len(items)
+        while pending:
+            # Sleep until a value arrives or the oldest running sample runs out of time; a sample still queued
+            # (every thread busy) has no deadline yet, so look again after one timeout at most.
+            began = [job.began for job in pending if job.began is not None]
+            deadline = min(began) + self.timeout if began and self.timeout is not None else None
+            wait_s = self.timeout if deadline is None else max(0.0, deadline - time.perf_counter())
+            wait([job.future for job in pending], timeout=wait_s, return_when=FIRST_COMPLETED)
+            now = time.perf_counter()
+            for job, i in list(pending.items()):
+                if job.future.done():
+                    values[i] = job.future.result()  # the reward's own error, if it raised, stops the call
+                elif (self.timeout is not None and job.began is not None and now - job.began >= self.timeout
+                      and self.pool.abandon(job)):
+                    verdict = RewardResult(0.0, {"timeout_s": self.timeout}, Status.INFRA_ERROR)
+                    values[i] = Produced(items[i][0], RewardCell(verdict, now - job.began), job.began_at, time.time())
+                else:
+                    continue
+                del pending[job]
+        return StageOutput(values)  # type: ignore[arg-type]  # every slot is filled once `pending` is empty
 
 
 @dataclass
@@ -155,3 +192,22 @@ class TrainerWorker:
     def save(self, save: Callable[[Any], None]) -> None:
         """Run ``save(model)`` where the model lives (e.g. writing a Hugging Face checkpoint)."""
         save(self.engine.model)  # type: ignore[attr-defined]
+
+    @dispatch(Mode.FIRST)
+    def save_state(self, path: str) -> int:
+        """Write the engine's and the critic's state (weights, optimizer, RNG, version) to ``path`` (a checkpoint
+        folder on a filesystem the driver reads); returns the version saved."""
+        state = {"engine": self.engine.state_dict(), "critic": self.critic.state_dict() if self.critic else None}
+        torch.save(state, path)
+        return self.engine.version
+
+    @dispatch(Mode.FIRST)
+    def load_state(self, path: str) -> int:
+        """Continue from ``save_state``'s file; returns the version restored (published by the caller)."""
+        state = torch.load(path, weights_only=False)
+        self.engine.load_state_dict(state["engine"])
+        if self.critic is not None:
+            if state["critic"] is None:
+                raise RuntimeError(f"{path} holds no critic state, but this run trains a critic")
+            self.critic.load_state_dict(state["critic"])
+        return self.engine.version

@@ -260,6 +260,19 @@ class RolloutWorker:
         return self.executor.submit(lambda: (save(self.engine.model), self.engine.version)[1]).result()
 
     @dispatch(Mode.BROADCAST)
+    def rng_state(self) -> Any:
+        """The engine's sampling RNG state (None if it has none), for a checkpoint; read on the engine thread,
+        between two batches."""
+        generator = getattr(self.engine, "generator", None)
+        return None if generator is None else self.executor.submit(generator.get_state).result()
+
+    def set_rng_state(self, state: Any) -> None:
+        """Continue the engine's sampling RNG from ``rng_state``'s value (worker by worker: each has its own)."""
+        generator = getattr(self.engine, "generator", None)
+        if generator is not None and state is not None:
+            self.executor.submit(generator.set_state, state).result()
+
+    @dispatch(Mode.BROADCAST)
     def set_threads(self, n: int) -> None:
         """torch threads of the engine thread (``runtime.staleness=auto`` changes them when it settles η)."""
         self.executor.submit(torch.set_num_threads, n).result()

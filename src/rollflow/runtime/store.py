@@ -17,8 +17,8 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rollflow.api import Column, SampleRow
@@ -56,6 +56,7 @@ class SampleStore:
         self._groups: OrderedDict[int, list[int]] = OrderedDict()  # group id → uids, in admission order
         self._eta: dict[int, int] = {}  # group id → the staleness bound in force when it was admitted
         self._uids = itertools.count()
+        self._issued = 0  # the next uid
         self._lock = threading.Lock()
         self.consumed_total = 0
         self.dropped_total = 0
@@ -67,6 +68,7 @@ class SampleStore:
             if group_id in self._groups:
                 raise StoreError(f"group {group_id} is already in the store")
             uids = [next(self._uids) for _ in values]
+            self._issued = uids[-1] + 1 if uids else self._issued
             for uid, value in zip(uids, values):
                 self._rows[uid] = _Row(group_id, {self.admission: value}, time.time(),
                                        admitted_version=version, version=version)
@@ -149,6 +151,11 @@ class SampleStore:
             self.dropped_total += len(uids)
             return len(uids)
 
+    def uids(self) -> list[int]:
+        """Every row in the store, in admission order."""
+        with self._lock:
+            return list(self._rows)
+
     def __contains__(self, uid: int) -> bool:
         with self._lock:
             return uid in self._rows
@@ -222,6 +229,28 @@ class SampleStore:
             return self._rows[uid]
         except KeyError:
             raise StoreError(f"row {uid} is not in the store (never admitted, or already consumed)") from None
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def snapshot(self, pack: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> dict[str, Any]:
+        """The store's whole state, for a checkpoint: every row not yet consumed with the columns it has (``pack``
+        turns a row's cells into what can be saved, e.g. payload handles into their values), in admission order."""
+        with self._lock:
+            rows = {uid: replace(row, cells=pack(row.cells), spans=dict(row.spans)) for uid, row in self._rows.items()}
+            return {"rows": rows, "groups": {g: list(u) for g, u in self._groups.items()}, "eta": dict(self._eta),
+                    "next_uid": self._issued,
+                    "consumed": self.consumed_total, "dropped": self.dropped_total}
+
+    def restore(self, state: dict[str, Any], unpack: Callable[[dict[str, Any]], dict[str, Any]] = dict) -> None:
+        """Take the state ``snapshot`` gave (into an empty store); ``unpack`` undoes its ``pack``."""
+        with self._lock:
+            if self._rows or self._groups:
+                raise StoreError("restore needs an empty store")
+            self._rows = {uid: replace(row, cells=unpack(row.cells)) for uid, row in state["rows"].items()}
+            self._groups = OrderedDict((g, list(u)) for g, u in state["groups"].items())
+            self._eta = dict(state["eta"])
+            self._issued = state["next_uid"]
+            self._uids = itertools.count(self._issued)
+            self.consumed_total, self.dropped_total = state["consumed"], state["dropped"]
 
     def counts(self) -> dict[str, int]:
         """Rows by stage: in flight (admitted, incomplete), ready (complete, not consumed), consumed and dropped so far."""

@@ -7,6 +7,9 @@ Layout of ``run_dir``:
 - ``tensorboard/``   every numeric metric as a scalar, tagged by its name (``reward/mean``, ``time/trajectory``)
 - ``summary.json``, ``curves.png``  written by :meth:`Tracker.finish` only
 
+A resumed run (``Resume``) cuts ``metrics.jsonl`` and ``rollouts.jsonl`` back to their length at the checkpoint and
+has TensorBoard purge the later steps, so the steps redone after it appear once.
+
 Non-finite floats are written as ``NaN``/``Infinity``: Python's ``json`` reads them back, strict parsers do not.
 Hiding a diverged loss as ``null`` would be worse.
 """
@@ -14,6 +17,7 @@ Hiding a diverged loss as ``null`` would be worse.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +31,32 @@ Metrics = dict[str, float | int | None]
 Eval = tuple[int, float, str]  # (step, accuracy, label)
 
 
+@dataclass
+class Resume:
+    """Where a resumed run picks its files up: the checkpoint's step, the files' lengths then, the labelled
+    evaluations so far, and how far the progress bar had come."""
+
+    step: int
+    metrics_bytes: int
+    rollouts_bytes: int
+    evals: list[Eval] = field(default_factory=list)
+    completed: int = 0
+
+
 class Tracker:
     """Owns the files of one run; use as a context manager so files close even when training raises."""
 
-    def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, show_progress: bool = True, resume: Resume | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.evals: list[Eval] = []
+        self.evals: list[Eval] = list(resume.evals) if resume else []
+        if resume is not None:
+            _cut(self.run_dir / "metrics.jsonl", resume.metrics_bytes)
+            _cut(self.run_dir / "rollouts.jsonl", resume.rollouts_bytes)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._rollouts = open(self.run_dir / "rollouts.jsonl", "a", encoding="utf-8")
-        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                 purge_step=resume.step + 1 if resume is not None else None)
         self._console = Console()
         self._live: dict[str, float] = {}  # latest values shown in the progress description
         # Off a TTY rich draws only the final state on stop, so CI logs get one line, not one per refresh.
@@ -44,7 +64,7 @@ class Tracker:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=self._console, transient=False, disable=not show_progress,
         )
-        self._task = self._progress.add_task("training", total=total_steps)
+        self._task = self._progress.add_task("training", total=total_steps, completed=resume.completed if resume else 0)
         self._progress.start()
         self._closed = False
 
@@ -65,6 +85,12 @@ class Tracker:
             if metrics.get(k) is not None:
                 self._live[k] = float(metrics[k])
         self._progress.update(self._task, advance=advance, description=self._describe())
+
+    def sizes(self) -> tuple[int, int]:
+        """Bytes in metrics.jsonl and rollouts.jsonl so far (flushed): where a checkpoint taken now resumes them."""
+        self._metrics.flush()
+        self._rollouts.flush()
+        return self._metrics.tell(), self._rollouts.tell()
 
     def log_rollouts(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
@@ -123,6 +149,13 @@ class Tracker:
         return " | ".join(parts) or "training"
 
 
+def _cut(path: Path, size: int) -> None:
+    """Truncate ``path`` to ``size`` bytes (it may be shorter, or missing, if the run died before flushing)."""
+    if path.exists() and path.stat().st_size > size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of a metrics.jsonl. A final line without its newline is a write cut off by a crash and is dropped;
     a bad line anywhere else means the file is corrupt and raises."""
@@ -175,4 +208,4 @@ def plot_curves(metrics_path: Path, out_path: Path, evals: list[Eval] | None = N
     fig.savefig(out_path, format="png", dpi=100)
 
 
-__all__ = ["Tracker", "plot_curves", "read_metrics"]
+__all__ = ["Resume", "Tracker", "plot_curves", "read_metrics"]

@@ -12,6 +12,7 @@ class InlineWeightTransport:
 
     def __init__(self) -> None:
         self._latest: VersionedWeights | None = None
+        self._pins: dict[str, VersionedWeights] = {}
         self._lock = threading.Lock()
 
     def publish(self, weights: VersionedWeights) -> None:
@@ -23,3 +24,14 @@ class InlineWeightTransport:
     def latest(self, newer_than: int) -> VersionedWeights | None:
         with self._lock:
             return self._latest if self._latest is not None and self._latest.version > newer_than else None
+
+    def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
+        with self._lock:
+            chosen = weights if weights is not None else self._latest
+            if chosen is None:
+                raise ValueError(f"nothing to pin as {name!r}: no version published yet")
+            self._pins[name] = chosen
+
+    def pinned(self, name: str) -> VersionedWeights | None:
+        with self._lock:
+            return self._pins.get(name)

@@ -1,8 +1,8 @@
 """A task read from the user's own JSONL / JSON / Parquet file, one problem per row.
 
 Rows are loaded with Hugging Face ``datasets`` (so they pass through its on-disk cache) and checked once, at
-construction: every error names the file and, for a bad row, its 1-based row number. Columns other than the prompt
-and answer ride along in ``Problem.meta`` for the reward function. A numeric answer is turned into text with
+construction: every error names the file and, for a bad row, its 1-based row number (for a JSON syntax error, the
+line of the file). Columns other than the prompt and answer ride along in ``Problem.meta`` for the reward function. A numeric answer is turned into text with
 ``str()``; Arrow reads a column mixing ints and floats as floats (``2`` → ``"2.0"``), so store answers as strings
 where their exact text matters.
 
@@ -14,6 +14,8 @@ compares the contents of ``path`` and ``eval_path``.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +55,41 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _json_problem(file: Path) -> str | None:
+    """Where a JSON / JSON-lines file breaks, by line, and what to do; None if it parses (the problem is elsewhere).
+
+    Read only after ``datasets`` has failed: Arrow's own message counts rows within a block, not lines of the file."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        return f"it is not UTF-8 text (byte {e.start}); save it as UTF-8"
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        first_error = whole
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+        one_per_line = True
+    except json.JSONDecodeError:
+        one_per_line = file.suffix.lower() == ".jsonl"
+    if not one_per_line:  # one JSON document (an array of rows, perhaps spread over many lines)
+        return f"line {first_error.lineno}, column {first_error.colno} is not valid JSON ({first_error.msg}); fix it there"
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}, column {e.colno} is not valid JSON ({e.msg}); fix that line"
+        if not isinstance(row, dict):
+            return (f"line {n} holds a JSON {type(row).__name__}, not an object; each line must be one row, "
+                    '{"prompt": ..., "answer": ...}')
+    return None
+
+
 def _answer(value: Any) -> str | None:
     if isinstance(value, str):
         return value
@@ -61,30 +98,49 @@ def _answer(value: Any) -> str | None:
     return None
 
 
+def _absent(row: dict[str, Any], column: str, column_key: str) -> str:
+    """For a row whose ``column`` is null (JSON lines: the key is missing or null): the fields it does have."""
+    if row[column] is not None:
+        return ""
+    present = [k for k, v in row.items() if v is not None]
+    return (f" (this row has no {column!r}; its fields: {present}); add it to the row, "
+            f"or set {column_key} if the column has another name")
+
+
 def read_problems(path: str, key: str, prompt_column: str, answer_column: str) -> list[Problem]:
     """Load and check every row of ``path``; ``key`` is the config key that named the file, for messages."""
     file = Path(path)
+    if file.is_dir():
+        raise TaskDataError(f"{key}: {path!r} is a directory; give the data file inside it")
     if not file.is_file():
-        raise TaskDataError(f"{key}: file {path!r} does not exist")
+        where = "" if file.is_absolute() else f" (a relative path is read from the working directory {os.getcwd()!r})"
+        raise TaskDataError(f"{key}: file {path!r} does not exist{where}; fix {key}")
     loader = LOADERS.get(file.suffix.lower())
     if loader is None:
         raise TaskDataError(f"{key}: file {path!r} has an unsupported extension; use one of {', '.join(LOADERS)}")
     if _is_empty(file, loader):
-        raise TaskDataError(f"{key}: file {path!r} is empty")
-    bars = datasets.is_progress_bar_enabled()
+        raise TaskDataError(f"{key}: file {path!r} is empty; it needs one problem per row")
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
     datasets.disable_progress_bars()  # a split of a local file takes no time: its bar would only clutter the run's output
+    # Its "Failed to load JSON ... in row 1" error log would repeat our error, less exactly (Arrow counts rows per block).
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(loader, data_files=str(file), split="train")
     except Exception as e:
         cause = _root_cause(e)
         if "corresponds to no data" in str(cause):  # `datasets`' words for a JSON file holding `[]` or `{}`
             raise TaskDataError(f"{key}: file {path!r} has no rows") from e
+        where = _json_problem(file) if loader == "json" else None
+        if where is not None:
+            raise TaskDataError(f"{key}: cannot read {path!r} as {file.suffix.lower()[1:]}: {where}") from e
         raise TaskDataError(
-            f"{key}: cannot read {path!r} as {file.suffix.lower()[1:]} ({type(cause).__name__}: {cause})"
+            f"{key}: cannot read {path!r} as {file.suffix.lower()[1:]} ({type(cause).__name__}: {cause}); "
+            f"check that it is a valid {file.suffix.lower()[1:]} file"
         ) from e
     finally:
         if bars:
             datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise TaskDataError(f"{key}: file {path!r} has no rows")
     for column, column_key, role in (
@@ -100,11 +156,12 @@ def read_problems(path: str, key: str, prompt_column: str, answer_column: str) -
     for i, row in enumerate(ds, start=1):
         prompt, answer = row[prompt_column], _answer(row[answer_column])
         if not isinstance(prompt, str) or not prompt.strip():
-            raise TaskDataError(f"{key}: file {path!r}, row {i}: prompt must be a non-empty string, got {prompt!r}")
+            raise TaskDataError(f"{key}: file {path!r}, row {i}: prompt must be a non-empty string, got {prompt!r}"
+                                f"{_absent(row, prompt_column, 'task.prompt_column')}")
         if answer is None or not answer.strip():
             raise TaskDataError(
                 f"{key}: file {path!r}, row {i}: answer must be a non-empty string or a number, "
-                f"got {row[answer_column]!r}"
+                f"got {row[answer_column]!r}{_absent(row, answer_column, 'task.answer_column')}"
             )
         meta = {k: v for k, v in row.items() if k not in (prompt_column, answer_column)}
         problems.append(Problem(prompt=prompt, answer=answer, meta=meta))

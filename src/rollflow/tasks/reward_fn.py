@@ -24,6 +24,7 @@ import numbers
 import os
 import sys
 import threading
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,7 +35,13 @@ SPEC_FORMS = "'package.module:function' or 'path/to/file.py:function'"
 
 
 class RewardFnError(ValueError):
-    """A reward function could not be loaded, or raised or returned something unusable when called."""
+    """A reward function could not be loaded, or raised or returned something unusable when called.
+
+    The message says what went wrong, then (``detail``) where it was raised and on which sample."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(f"{message}; {detail}" if detail else message)
+        self.message, self.detail = message, detail
 
 
 def exact_match(problem: Problem, response: str) -> RewardResult:
@@ -136,20 +143,32 @@ def check_reward(task: Task, seed: int) -> None:
     try:
         task.verify(problem, task.reference(problem))
     except RewardFnError as e:
-        raise RewardFnError(
-            f"{e} (checked before training: the first training problem, its reference answer as the response)"
-        ) from e
+        note = "(checked before training: the first training problem, its reference answer as the response)"
+        raise RewardFnError(f"{e.message} {note}", e.detail) from e
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def _sample(problem: Problem, response: str) -> str:
+    return f"prompt {_clip(problem.prompt)}, answer {_clip(problem.answer)}, response {_clip(response)}"
 
 
 def call_reward_fn(fn: RewardFn, name: str, problem: Problem, response: str, index: int) -> RewardResult:
     """Score one response. A real number ``x`` becomes ``RewardResult(float(x), {"reward": float(x)})``.
 
-    ``name`` (the spec) and ``index`` (the sample's position, for the user to find it) only feed error messages.
+    ``name`` (the spec) and ``index`` (the sample's position, for the user to find it) only feed error messages,
+    which also name the sample's text and, for an exception, the line that raised it.
     """
     try:
         out = fn(problem, response)
     except Exception as e:
-        raise RewardFnError(f"reward fn {name!r} raised {type(e).__name__} on sample {index}: {e}") from e
+        frame = traceback.extract_tb(e.__traceback__)[-1]  # the innermost: where it was raised
+        raise RewardFnError(
+            f"reward fn {name!r} raised {type(e).__name__} on sample {index}: {e}",
+            f"raised at {frame.filename}:{frame.lineno} in {frame.name}, on {_sample(problem, response)}",
+        ) from e
     if isinstance(out, RewardResult):
         reward = out.reward
     elif isinstance(out, numbers.Real):  # bool, int, float and numpy scalars
@@ -158,10 +177,12 @@ def call_reward_fn(fn: RewardFn, name: str, problem: Problem, response: str, ind
     else:
         raise RewardFnError(
             f"reward fn {name!r} returned {type(out).__name__} on sample {index}; "
-            "expected a float, int, bool or RewardResult"
+            "expected a float, int, bool or RewardResult",
+            f"the sample: {_sample(problem, response)}",
         )
     if not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise RewardFnError(
-            f"reward fn {name!r} returned a reward of {reward!r} on sample {index}; rewards must be finite numbers"
+            f"reward fn {name!r} returned a reward of {reward!r} on sample {index}; rewards must be finite numbers",
+            f"the sample: {_sample(problem, response)}",
         )
     return out
