@@ -66,7 +66,7 @@ from rollflow.engines.models import (
     tiny_model,
 )
 from rollflow.engines.torch_train import TorchScorer, TorchTrainEngine
-from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources
+from rollflow.runtime.backend import Backend, InlineBackend, Payloads, Resources, WorkerGone
 from rollflow.runtime.checkpoint import Checkpoints, RunDirError, read_meta
 from rollflow.runtime.controller import Controller, StepResult, TrainerLost
 from rollflow.runtime.group import WorkerGroup
@@ -543,7 +543,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
         while True:
             try:
                 return _run(config, task, tokenizer, checkpoint, restarts, stop)
-            except TrainerLost as e:
+            except (TrainerLost, WorkerGone) as e:
                 checkpoint = Checkpoints(Path(config.run_dir) / "checkpoints").latest()
                 if restarts >= config.runtime.max_restarts or checkpoint is None:
                     why = "no checkpoint to go back to" if checkpoint is None else \
@@ -624,6 +624,9 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                     record = step_record(result, elapsed)
                     if (note := auto.observe(result)) is not None:
                         tracker.note(note)
+                    for line in controller.fault_log:  # every infrastructure fault: printed, kept in notes.log
+                        tracker.note(f"fault: {line}")
+                    controller.fault_log.clear()
                     if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
                         progress.acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
                         record["eval/accuracy"] = progress.acc
@@ -650,7 +653,7 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                                       f"`rollflow train --resume {run_dir}`")
                     if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == t.steps:
                         save_checkpoint(step, "periodic" if step < t.steps else "final")
-            except (TrainerLost, Stopped, NonFiniteLoss, KeyboardInterrupt):
+            except (TrainerLost, WorkerGone, Stopped, NonFiniteLoss, KeyboardInterrupt):
                 raise
             except Exception as e:
                 # A user error (a reward that raised) or a bug: keep what was finished since the last checkpoint.

@@ -29,6 +29,11 @@ class WorkerLost(RuntimeError):
     """A worker is gone (its process died, its node left). The calls it held are infrastructure faults: retried."""
 
 
+class WorkerGone(RuntimeError):
+    """A worker was lost and did not come back (not restartable, like the trainer, or its rebuild failed): the run
+    goes back to its last checkpoint."""
+
+
 class WorkerStartError(RuntimeError):
     """A worker could not be built (its factory raised): the run stops before it starts, naming the worker."""
 
@@ -109,6 +114,10 @@ class Backend(Protocol):
 
     def ping(self, worker: Any) -> Any:
         """A call that succeeds once ``worker`` takes calls (a worker being rebuilt fails it as lost)."""
+        ...
+
+    def is_restarting(self, error: BaseException) -> bool:
+        """Whether ``error`` says the worker is being rebuilt (ask again soon), not gone for good."""
         ...
 
     def is_worker_lost(self, error: BaseException) -> bool: ...
@@ -199,6 +208,9 @@ class InlineBackend:
 
     def ping(self, worker: Any) -> _Done:
         return _Done(lambda: None)
+
+    def is_restarting(self, error: BaseException) -> bool:
+        return False
 
     def is_worker_lost(self, error: BaseException) -> bool:
         return isinstance(error, WorkerLost)

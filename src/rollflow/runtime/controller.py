@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollflow.api import Reject, SampleRow, Status, TrajectoryCell
+from rollflow.runtime.backend import WorkerGone
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.ledger import Ledger
 from rollflow.runtime.roles import TrainResult
@@ -243,6 +244,9 @@ class Controller:
         except Exception as e:
             if not self.backend.is_worker_lost(e):
                 raise
+            if not self.backend.is_restarting(e):
+                raise WorkerGone(f"{self.stages[info.probe_of].group.name}/{info.worker} was lost and is not coming "
+                                 f"back ({type(e).__name__})") from e
             self._reprobe.append((info.probe_of, info.worker, time.time() + 0.25))  # still being rebuilt
             return
         self._down.discard((info.probe_of, info.worker))

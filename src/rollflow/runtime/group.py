@@ -9,11 +9,12 @@ workers in this process one after another, the Ray backend runs the calls on act
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from rollflow.runtime.backend import Backend, InlineBackend, Resources
+from rollflow.runtime.backend import Backend, InlineBackend, Resources, WorkerGone
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,11 +79,44 @@ class WorkerGroup:
 
     def _call(self, method: str, mode: Mode, args: tuple, kwargs: dict) -> Any:
         if mode is Mode.FIRST:
-            return self.backend.result(self.submit(0, method, *args, **kwargs))
+            return self._finish(0, self.submit(0, method, *args, **kwargs), method, args, kwargs)
         if mode is Mode.BROADCAST:
             calls = [self.submit(i, method, *args, **kwargs) for i in range(len(self))]
-            return [self.backend.result(c) for c in calls]
+            return [self._finish(i, c, method, args, kwargs) for i, c in enumerate(calls)]
         first, rest = args[0], args[1:]
-        calls = [self.submit(i, method, part, *rest, **kwargs)
-                 for i, part in enumerate(chunks(list(first), len(self))) if part]
-        return [x for c in calls for x in self.backend.result(c)]
+        parts = [(i, part) for i, part in enumerate(chunks(list(first), len(self))) if part]
+        calls = [self.submit(i, method, part, *rest, **kwargs) for i, part in parts]
+        return [x for (i, part), c in zip(parts, calls) for x in self._finish(i, c, method, (part, *rest), kwargs)]
+
+    def _finish(self, i: int, call: Any, method: str, args: tuple, kwargs: dict, attempts: int = 3) -> Any:
+        """The result of ``call`` on worker ``i``. If the worker was lost, wait until the backend has rebuilt it and
+        call again (driver calls are safe to repeat: publish, evaluate, save, set_threads, ...), up to ``attempts``
+        calls; a worker that does not come back raises ``WorkerGone``."""
+        for attempt in range(attempts):
+            try:
+                return self.backend.result(call)
+            except Exception as e:
+                if not self.backend.is_worker_lost(e):
+                    raise
+                if attempt == attempts - 1:
+                    raise WorkerGone(f"{self.name}/{i} was lost {attempts} times during {method}") from e
+                self._wait_back(i, e)
+                call = self.submit(i, method, *args, **kwargs)
+        raise AssertionError("unreachable")
+
+    def _wait_back(self, i: int, error: BaseException, timeout: float = 120.0) -> None:
+        """Block until worker ``i``, lost with ``error``, answers a ping; ``WorkerGone`` if it is gone for good or
+        not rebuilt within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.backend.result(self.backend.ping(self.workers[i]))
+                return
+            except Exception as e:
+                if not self.backend.is_worker_lost(e):
+                    raise
+                if not self.backend.is_restarting(e):
+                    raise WorkerGone(f"{self.name}/{i} was lost ({type(error).__name__}) and is not coming back") from e
+                error = e
+            time.sleep(0.2)
+        raise WorkerGone(f"{self.name}/{i} was not rebuilt within {timeout:g} s") from error

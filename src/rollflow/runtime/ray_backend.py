@@ -375,6 +375,9 @@ class RayBackend:
     def ping(self, worker: Any) -> RayCall:
         return RayCall(worker.pid.remote(), None)
 
+    def is_restarting(self, error: BaseException) -> bool:
+        return isinstance(error, ray.exceptions.ActorUnavailableError)
+
     def is_worker_lost(self, error: BaseException) -> bool:
         lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError, WorkerLost)
         return isinstance(error, lost)

@@ -1,0 +1,125 @@
+"""Fault injection on the default backend (Ray, started by each run on this machine), as an operator would do it:
+workers found by their process titles (``ray::RolloutWorker`` ...) and killed with SIGKILL mid-run, a worker that
+hangs, the whole run killed and resumed. After each, the run has done every step once and its ledger is clean."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rollflow.runtime.ledger import check
+from rollflow.runtime.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["sft.steps=10", "rollout.groups_per_step=4", "rollout.group_size=4", "eval.every=5", "progress=false",
+         "model.hidden_size=32", "model.layers=1", "model.heads=2", "model.intermediate_size=64",
+         "runtime.num_cpus=2"]
+SLOW_REWARDS = ["reward_latency.median=0.02", "reward_latency.max=0.1"]  # steps long enough to aim a kill at
+
+# Hangs the first time it scores in a reward worker's process (never in the driver, which checks the reward and
+# scores evaluations), then scores normally: a flag file says it already hung.
+HANGS_ONCE = """
+import os, time
+
+def score(problem, response):
+    flag = os.environ["HANG_FLAG"]
+    if "RewardWorker" in open("/proc/self/cmdline").read() and not os.path.exists(flag):
+        open(flag, "w").close()
+        time.sleep(3600)
+    return float(response.strip() == problem.answer.strip())
+"""
+
+
+def start(args, cwd, **env):
+    return subprocess.Popen([sys.executable, "-m", "rollflow.cli", "train", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+
+
+def wait_for_step(proc, run_dir, step, timeout=240):
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no step {step} within {timeout} s")
+
+
+def kill_role(title):
+    """SIGKILL the worker whose process title is ``ray::<title>`` (there is one of each role here)."""
+    pids = subprocess.run(["pgrep", "-f", f"ray::{title}"], capture_output=True, text=True).stdout.split()
+    assert len(pids) == 1, f"expected one process titled ray::{title}, found {pids}"
+    os.kill(int(pids[0]), signal.SIGKILL)
+
+
+def finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return " ".join((out + err).split())  # notes go to stdout, the restart to stderr; rich may wrap lines
+
+
+def assert_whole(run_dir, steps, samples_per_step=16):
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0] == list(range(1, steps + 1))
+    report = check(run_dir / "ledger.jsonl")
+    assert report.clean, report.summary()
+    assert report.counts["trained"] == steps * samples_per_step and not report.unaccounted and not report.trained_twice
+    return report
+
+
+def test_killed_rollout_reward_and_trainer_workers_are_replaced_and_nothing_is_lost(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start([*SMALL, *SLOW_REWARDS, "task.eval_size=16", "train.steps=24", "checkpoint.every=3",
+                  f"run_dir={run_dir}"], tmp_path)
+    wait_for_step(proc, run_dir, 3)
+    kill_role("RolloutWorker")
+    wait_for_step(proc, run_dir, 9)
+    kill_role("RewardWorker")
+    wait_for_step(proc, run_dir, 14)
+    kill_role("TrainerWorker")
+    err = finish(proc)
+
+    assert "fault: rollout/0 lost" in err and "fault: rollout/0 is back" in err
+    assert "fault: reward/0 lost" in err and "fault: reward/0 is back" in err
+    assert re.search(r"(the trainer|trainer/0) was lost[^:]*: restarting from step_\d+ \(restart 1 of 3\)", err), err[-2000:]
+    report = assert_whole(run_dir, 24)
+    assert report.counts["readmitted"] > 0  # the rows in flight on the lost workers, produced again
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] >= 12
+    assert summary["faults"]["worker_lost"] >= 2  # counted across the restart (the checkpoint keeps the counts)
+
+
+def test_a_hung_reward_worker_is_killed_and_its_samples_scored_again(tmp_path):
+    (tmp_path / "hangs.py").write_text(HANGS_ONCE)
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "{i}+{i}=", "answer": "{2 * i}"}}\n' for i in range(40)))
+    run_dir = tmp_path / "run"
+    proc = start([*SMALL, "task.name=file", "task.path=data.jsonl", "task.reward_fn=hangs.py:score",
+                  "runtime.reward.timeout=null", "runtime.call_timeout=4", "train.steps=4", f"run_dir={run_dir}"],
+                 tmp_path, HANG_FLAG=str(tmp_path / "hung"))
+    err = finish(proc)
+    assert (tmp_path / "hung").exists()  # it did hang
+    assert "reward/0: a call ran past runtime.call_timeout=4 s; killed" in err and "fault: reward/0 is back" in err
+    report = assert_whole(run_dir, 4)
+    assert report.counts["hung"] > 0
+    assert json.loads((run_dir / "summary.json").read_text())["faults"]["hung_killed"] == 1
+
+
+def test_a_run_killed_whole_resumes_on_ray_to_its_step_count_with_a_clean_ledger(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *SLOW_REWARDS, "task.eval_size=16", "train.steps=12", "checkpoint.every=2", f"run_dir={run_dir}"]
+    proc = start(args, tmp_path)
+    wait_for_step(proc, run_dir, 5)
+    proc.kill()  # SIGKILL of the driver, as `kill -9` would
+    proc.communicate(timeout=60)
+    resumed = start(["--resume", str(run_dir)], tmp_path)
+    finish(resumed)
+    report = assert_whole(run_dir, 12)
+    assert report.resumes == 1
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] >= 4
