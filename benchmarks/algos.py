@@ -61,14 +61,14 @@ def main() -> None:
     if args.sft:
         acc_sft = json.loads((sft_dir / "summary.json").read_text())["accuracy_after_sft"]
     else:
-        sft = rollflow.train(rollflow.load_config(overrides=[*common, "train.steps=0", f"run_dir={sft_dir}"]))
+        sft = rollflow.train(rollflow.load_config(overrides=[*common, "train.steps=0", f"run_dir={sft_dir}"]), overwrite=True)
         acc_sft = sft.summary["accuracy_after_sft"]
     print(f"SFT checkpoint {sft_dir}: accuracy {acc_sft:.3f}")
     from_sft = [f"model.path={sft_dir}/model", "sft.steps=0", f"train.steps={steps}"]
 
     def run(name: str, preset: str, extra: list[str]) -> dict:
         config = rollflow.load_config(PRESETS / f"{preset}.yaml", [*common, *from_sft, *extra, f"run_dir={root}/{name}"])
-        result = rollflow.train(config)
+        result = rollflow.train(config, overwrite=True)  # a benchmark reruns into the same folders
         s, lags = result.summary, [h.get("staleness/mean", 0.0) for h in result.history]
         row = {
             "accuracy_final": s["accuracy_final"], "gain": s["accuracy_final"] - acc_sft, "rl_seconds": s["rl_seconds"],

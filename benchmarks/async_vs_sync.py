@@ -61,7 +61,7 @@ def main() -> None:
     ray.init(num_cpus=CORES, include_dashboard=False)  # one Ray for every run: each run joins it
     sft = rollflow.train(rollflow.load_config(overrides=[
         *common, "train.steps=0", f"run_dir={root}/sft", *(["sft.steps=100"] if args.quick else []),
-    ]))
+    ]), overwrite=True)
     print(f"SFT checkpoint: accuracy {sft.summary['accuracy_after_sft']:.3f} ({sft.summary['wall_seconds']:.0f} s)")
 
     runs = []
@@ -71,7 +71,7 @@ def main() -> None:
                 *common, *SCENARIOS[scenario], f"runtime.staleness={eta}",
                 f"model.path={root}/sft/model", "sft.steps=0", f"train.steps={steps}", f"run_dir={root}/{scenario}_eta{eta}",
             ])
-            s = rollflow.train(config).summary
+            s = rollflow.train(config, overwrite=True).summary
             runs.append({"scenario": scenario, "eta": eta, **{k: s[k] for k in KEYS}})
             print(f"  ({scenario}) η={eta}: {s['samples_per_second']:.0f} samples/s, accuracy {s['accuracy_final']:.3f}"
                   + (f" (auto chose η={s['staleness_chosen']}: {s['staleness_reason']})" if eta == "auto" else ""))

@@ -33,7 +33,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         config = rollflow.load_config(overrides=[*args.overrides, f"seed={seed}", f"run_dir=runs/bench_default/seed{seed}", "progress=false"])
-        result = rollflow.train(config)
+        result = rollflow.train(config, overwrite=True)  # a benchmark reruns into the same folders
         curve = [(h["step"], h["eval/accuracy"]) for h in result.history if "eval/accuracy" in h]
         runs.append({"seed": seed, **{k: result.summary[k] for k in KEYS}, "gain": result.summary["accuracy_final"] - result.summary["accuracy_after_sft"], "eval_curve": curve})
 

@@ -101,7 +101,7 @@ def run_one(task_dir: Path, seed: int, overrides: list[str], label: str) -> dict
     run_dir = task_dir / "runs" / (label or "default") / f"seed{seed}"
     cmd = [str(Path(sys.executable).parent / "rollflow"), "train", "task.name=file", "task.path=train.jsonl",
            "task.eval_path=test.jsonl", "task.reward_fn=reward.py:score", f"seed={seed}", f"run_dir={run_dir}",
-           "progress=false", "eval.every=10", *overrides]
+           "progress=false", "eval.every=10", "--overwrite", *overrides]
     subprocess.run(cmd, cwd=task_dir, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     summary = json.loads((run_dir / "summary.json").read_text())
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

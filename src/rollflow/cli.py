@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p_ledger = sub.add_parser("ledger", help="check a run's ledger: nothing trained twice, nothing trained unadmitted")
     p_ledger.add_argument("action", choices=["check"])
     p_ledger.add_argument("run_dir", metavar="RUN_DIR")
-    ns = parser.parse_args(argv)
+    # Flags may sit among the overrides (`train a=1 --overwrite b=2`): argparse leaves what follows a flag unparsed.
+    ns, rest = parser.parse_known_args(argv)
+    if rest and (getattr(ns, "args", None) is None or any(a.startswith("-") for a in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        ns.args = [*ns.args, *rest]
 
     if ns.command == "list":
         return _list(ns.what)
