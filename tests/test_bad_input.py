@@ -247,3 +247,10 @@ def test_a_model_path_that_is_not_a_checkpoint(capsys, tmp_path):
     msg = train(capsys, "model.path=my-model")
     assert msg == ("model.path='my-model' is not a Hugging Face checkpoint directory (no config.json); give a folder "
                    "written by save_pretrained, or leave model.path unset for the built-in tiny model\n")
+
+
+def test_a_model_path_with_a_broken_config_or_no_tokenizer(capsys, tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "qwen2", ')  # cut off
+    msg = train(capsys, "model.path=broken")
+    assert msg.startswith("model.path='broken' holds no loadable tokenizer (") and "save_pretrained" in msg

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rollflow.cli import main
 from rollflow.runtime.checkpoint import Checkpoints
@@ -46,15 +47,16 @@ def wait_for_step(proc, metrics, step, timeout=120):
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_sigint_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_run_stopped_by_a_signal_and_resumed_equals_the_uninterrupted_run(tmp_path, monkeypatch, sig):
     monkeypatch.chdir(tmp_path)
     args = [*TINY, "train.steps=8", "checkpoint.every=0"]
     proc = start([*args, "run_dir=stopped"], tmp_path)
     wait_for_step(proc, tmp_path / "stopped" / "metrics.jsonl", 3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "stopped by SIGINT after step" in err and "rollflow train --resume stopped" in err
+    assert f"stopped by {sig.name} after step" in err and "rollflow train --resume stopped" in err
     stopped_at = max(r["step"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl"))
     assert 3 <= stopped_at < 8 and Checkpoints(tmp_path / "stopped" / "checkpoints").latest().name == f"step_{stopped_at:06d}"
 
@@ -89,6 +91,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint_without_dupl
     report = check(tmp_path / "killed" / "ledger.jsonl")
     assert report.clean and report.resumes == 1
     assert report.counts["trained"] == 8 * 16 and not report.unaccounted
+    events = EventAccumulator(str(tmp_path / "killed" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == list(range(1, 9))  # steps redone after the checkpoint: once
 
 
 def test_resume_extends_a_finished_run_and_refuses_to_repeat_it(tmp_path, monkeypatch, capsys):

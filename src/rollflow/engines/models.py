@@ -68,7 +68,11 @@ def tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, seed: in
 def load_pretrained(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a causal LM and its tokenizer from a local Hugging Face directory (never from a hub)."""
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # no weights file, a config transformers cannot read, a truncated file
+        raise FileNotFoundError(f"model.path={str(path)!r} holds no loadable model ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]}); give a folder written by save_pretrained") from e
     return model, tokenizer
 
 
@@ -80,7 +84,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
             "give a folder written by save_pretrained, or leave model.path unset for the built-in tiny model"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:  # a broken config.json, no tokenizer files
+        raise FileNotFoundError(f"model.path={str(path)!r} holds no loadable tokenizer ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]}); give a folder written by save_pretrained") from e
     if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

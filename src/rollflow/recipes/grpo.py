@@ -600,6 +600,7 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                 _restore_workers(config, workers, checkpoint, saved)
                 controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
                 controller.restore(saved["controller"], why=f"resumed from checkpoint step {meta['step']}")
+                controller.set_staleness(resumed_eta(rt, saved))
                 tracker.note(f"resumed from {checkpoint} (step {meta['step']}, version {meta['version']})")
             # Everything built so far (torch, transformers, the model) lives until the end: keep it out of the
             # cyclic collector's scans, whose full passes over it otherwise stall a step now and then.
@@ -744,13 +745,18 @@ def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: 
     trainer.publish()
     for i, state in enumerate(saved["rollout_rng"][: len(workers.rollout)]):
         workers.rollout.backend.result(workers.rollout.submit(i, "set_rng_state", state))
-    eta = saved["controller"]["eta"]
+    eta = resumed_eta(rt, saved)
     if rt.backend != "inline":
         rollout_threads, trainer_threads = role_threads(rt, eta)
         workers.rollout.set_threads(rollout_threads)
         trainer.set_threads(trainer_threads)
     random.setstate(saved["python_rng"])
     torch.set_rng_state(saved["torch_rng"])
+
+
+def resumed_eta(rt: RuntimeConfig, saved: dict[str, Any]) -> int:
+    """η after a resume: the configured one if it is a number (it may change on resume), else the one the run had."""
+    return saved["controller"]["eta"] if rt.staleness == "auto" else int(rt.staleness)
 
 
 def _write_checkpoint(workers: Workers, controller: Controller, tracker: Tracker, ledger: Ledger, progress: Progress,

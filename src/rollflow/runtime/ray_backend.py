@@ -232,10 +232,19 @@ class _WeightBoard:
 
 
 class RayWeightTransport:
-    """``publish`` stores the weights once in the object store; ``latest`` fetches them only when newer."""
+    """``publish`` stores the weights once in the object store; ``latest`` fetches them only when newer.
 
-    def __init__(self) -> None:
-        self.board = _WeightBoard.remote()
+    The board is a named actor, and the transport travels as that name: a worker's constructor arguments then hold
+    no actor handle, which Ray would otherwise have to keep for the worker's restarts."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self.namespace = namespace
+        self.board = _WeightBoard.options(name=_BOARD, namespace=namespace).remote() if namespace else _WeightBoard.remote()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.namespace is None:
+            return object.__reduce__(self)
+        return _board_transport, (self.namespace,)
 
     def publish(self, weights: VersionedWeights) -> None:
         ray.get(self.board.post.remote(weights.version, [ray.put(weights)]))  # the box keeps the ref from resolving
@@ -250,6 +259,17 @@ class RayWeightTransport:
     def pinned(self, name: str) -> VersionedWeights | None:
         [ref] = ray.get(self.board.pinned.remote(name))
         return None if ref is None else ray.get(ref)
+
+
+_BOARD = "weights"  # the weight board's actor name, in its backend's namespace
+
+
+def _board_transport(namespace: str) -> RayWeightTransport:
+    """A transport on the board already running in ``namespace`` (how a worker receives the driver's)."""
+    transport = RayWeightTransport.__new__(RayWeightTransport)
+    transport.namespace = namespace
+    transport.board = ray.get_actor(_BOARD, namespace=namespace)
+    return transport
 
 
 def driver_import_path() -> str:
@@ -383,7 +403,7 @@ class RayBackend:
         return isinstance(error, lost)
 
     def weight_transport(self) -> RayWeightTransport:
-        return RayWeightTransport()
+        return RayWeightTransport(self.namespace)
 
     def shutdown(self) -> None:
         for actor in self._actors:
