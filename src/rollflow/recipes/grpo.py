@@ -668,33 +668,8 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
 
             if not config.eval.keep_best:
                 trainer.save(functools.partial(_save, tokenizer, run_dir / "model"))
-            pipeline = controller.pipeline_summary() if t.steps > (meta["step"] if meta else 0) else {}
-            summary = {
-                "accuracy_initial": progress.acc_initial,
-                "accuracy_after_sft": progress.acc_sft,
-                "accuracy_final": progress.acc,
-                "accuracy_best": progress.best.accuracy,
-                "best_step": progress.best.step if config.eval.keep_best else None,  # ≤ 0: before RL (0 = after SFT)
-                "saved_model": "best" if config.eval.keep_best else "final",
-                "steps": t.steps,
-                "samples": t.steps * config.samples_per_step,
-                "backend": rt.backend,
-                "staleness": rt.staleness,
-                "staleness_chosen": auto.chosen,  # the η the run trained at (auto: after its first auto_steps steps)
-                "staleness_reason": auto.reason,
-                "resumed_from_step": meta["step"] if meta is not None else None,  # this attempt's start
-                "restarts": restarts,  # times the trainer died and the run went back to a checkpoint
-                "wall_seconds": time.perf_counter() - t_start,  # this attempt's
-                "sft_seconds": progress.sft_seconds,  # the SFT steps alone, without evaluations
-                "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
-                "samples_per_second": (controller.trained - (meta["step"] if meta else 0)) * config.samples_per_step
-                / pipeline["pipeline_seconds"] if pipeline else 0.0,
-                "infra_retries": controller.infra_retries,
-                "faults": dict(controller.faults),
-                "dropped_groups": controller.dropped_groups,
-                "rejected_groups": controller.rejected_groups,
-                **pipeline,
-            }
+            summary = run_summary(config, progress, auto, controller, meta["step"] if meta else None, restarts,
+                                  time.perf_counter() - t_start, rl_seconds)
             if rt.trace:
                 tracer.write(run_dir / "trace.json")
             tracker.finish(summary)
@@ -702,6 +677,41 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
         ledger.close()
         backend.shutdown()
     return RunResult(run_dir, summary, history)
+
+
+def run_summary(config: Config, progress: Progress, auto: AutoStaleness, controller: Controller,
+                resumed_from: int | None, restarts: int, wall_seconds: float, rl_seconds: float) -> dict[str, Any]:
+    """``summary.json``: accuracies, what the run chose, its faults, and the pipeline's timing over this attempt
+    (from the checkpoint it ``resumed_from``, if it did)."""
+    t, rt = config.train, config.runtime
+    first_step = resumed_from or 0
+    pipeline = controller.pipeline_summary() if t.steps > first_step else {}
+    return {
+        "accuracy_initial": progress.acc_initial,
+        "accuracy_after_sft": progress.acc_sft,
+        "accuracy_final": progress.acc,
+        "accuracy_best": progress.best.accuracy,
+        "best_step": progress.best.step if config.eval.keep_best else None,  # ≤ 0: before RL (0 = after SFT)
+        "saved_model": "best" if config.eval.keep_best else "final",
+        "steps": t.steps,
+        "samples": t.steps * config.samples_per_step,
+        "backend": rt.backend,
+        "staleness": rt.staleness,
+        "staleness_chosen": auto.chosen,  # the η the run trained at (auto: after its first auto_steps steps)
+        "staleness_reason": auto.reason,
+        "resumed_from_step": resumed_from,  # this attempt's start (None: from the beginning)
+        "restarts": restarts,  # times the trainer died and the run went back to a checkpoint
+        "wall_seconds": wall_seconds,  # this attempt's
+        "sft_seconds": progress.sft_seconds,  # the SFT steps alone, without evaluations
+        "rl_seconds": rl_seconds,  # includes evaluations; pipeline_seconds does not count the last one
+        "samples_per_second": (controller.trained - first_step) * config.samples_per_step / pipeline["pipeline_seconds"]
+        if pipeline else 0.0,
+        "infra_retries": controller.infra_retries,
+        "faults": dict(controller.faults),
+        "dropped_groups": controller.dropped_groups,
+        "rejected_groups": controller.rejected_groups,
+        **pipeline,
+    }
 
 
 def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tracker: Tracker, tokenizer: Any,
