@@ -4,8 +4,8 @@ next to a clean run of the same config.
     python benchmarks/chaos.py [--every 8] [--seed 0] [--whole-at 0.6] [--tag NAME] [key.sub=value ...]
 
 Workers are found as an operator would find them, by process title (``ray::RolloutWorker``, ``ray::RewardWorker``,
-``ray::TrainerWorker``). Rollout and reward workers are killed at any time; the trainer only once the run has a
-checkpoint (SFT is not checkpointed) and at most ``runtime.max_restarts`` − 1 times per attempt. When the RL steps
+``ray::TrainerWorker``). Rollout and reward workers are killed at any time; the trainer once the run has a
+checkpoint (the first is written before SFT), at most ``runtime.max_restarts`` − 1 times per attempt. When the RL steps
 reach ``--whole-at`` of the total, the driver itself is killed and the run continues with ``--resume``.
 
 Prints a table and writes benchmarks/results/chaos_<date>[_NAME].json: faults injected by kind, restarts, samples

@@ -139,3 +139,24 @@ def test_resume_of_what_is_not_a_run_or_has_no_checkpoint_says_what_to_do(tmp_pa
         (path / "meta.json").unlink()  # as if every checkpoint had been cut off mid-write
     assert main(["train", "--resume", "run", "train.steps=2"]) == 2
     assert "it has no complete checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_during_sft_resumes_there_and_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, "sft.steps=60", "checkpoint.sft_every=20", "sft.batch_size=16", "train.steps=4", "checkpoint.every=0"]
+    proc = start([*args, "run_dir=stopped"], tmp_path)
+    deadline = time.time() + 120
+    while not (tmp_path / "stopped" / "checkpoints" / "sft_000020").exists():  # 20 SFT steps done
+        assert time.time() < deadline and proc.poll() is None, "no SFT checkpoint at step 20"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "during SFT (step " in err and "--resume stopped" in err, err
+    assert main(["train", "--resume", "stopped"]) == 0
+    assert main(["train", *args, "run_dir=straight"]) == 0
+    resumed, straight = learned(tmp_path / "stopped"), learned(tmp_path / "straight")
+    sft_loss = [r["sft/loss"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl") if "sft/loss" in r]
+    assert sft_loss == [r["sft/loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "sft/loss" in r]
+    assert [r["step"] for r in resumed] == [-10, 0, 1, 2, 3, 4] and resumed == straight
+    assert check(tmp_path / "stopped" / "ledger.jsonl").clean

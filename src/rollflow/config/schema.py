@@ -337,6 +337,8 @@ class CheckpointConfig(Section):
     `rollflow train --resume RUN_DIR`."""
     keep: int = Field(2, ge=1)
     """Newest checkpoints kept in run_dir/checkpoints (older ones are deleted once a newer one is whole)."""
+    sft_every: int = Field(200, ge=0)
+    """During SFT, checkpoint every this many SFT steps (also before its first; 0: not during SFT)."""
 
 
 class RoleConfig(Section):

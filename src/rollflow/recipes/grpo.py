@@ -384,26 +384,34 @@ class AutoStaleness:
 
 
 def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tracker: Tracker, pad_id: int,
-            stop: StopSignals | None = None) -> None:
-    """Supervised warm start on reference solutions, lr decayed linearly to zero. The next batch is tokenised while
-    the trainer trains on this one. A stop signal ends it after the current step, without a checkpoint (the first
-    is written when SFT is done)."""
+            stop: StopSignals | None = None, first: int = 0,
+            checkpoint: Callable[[int, str], Path] | None = None) -> None:
+    """Supervised warm start on reference solutions, lr decayed linearly to zero, from SFT step ``first`` (a resumed
+    run) to ``sft.steps``. The next batch is tokenised while the trainer trains on this one. ``checkpoint(done,
+    why)`` is called every ``checkpoint.sft_every`` steps, and when a stop signal ends SFT after the current step."""
     stream = task.train_problems(config.seed + 1)
+    for _ in range(first * config.sft.batch_size):  # the problems the steps before ``first`` trained on
+        next(stream)
 
     def batch() -> Any:
         problems: list[Problem] = [next(stream) for _ in range(config.sft.batch_size)]
         return collate([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], pad_id)
 
-    steps, upcoming = config.sft.steps, batch()
-    for step in range(steps):
+    steps, every, upcoming = config.sft.steps, config.checkpoint.sft_every, batch()
+    for step in range(first, steps):
         call = trainer.submit(0, "sft", upcoming, sft_loss, config.sft.lr * (1 - step / steps))
         upcoming = batch() if step + 1 < steps else None
         m = trainer.backend.result(call)
-        if stop is not None and stop.requested is not None:
-            raise Stopped(f"stopped by {stop.requested} during SFT (step {step + 1} of {steps}); SFT is not "
-                          f"checkpointed, so start the run again with --overwrite")
         if (step + 1) % 50 == 0 or step == steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
-            tracker.log_step(step + 1 - steps, {"sft/loss": m["loss"]}, advance=(step % 50) + 1)
+            tracker.log_step(step + 1 - steps, {"sft/loss": m["loss"]}, advance=(step + 1) - max(first, step // 50 * 50))
+        if stop is not None and stop.requested is not None:
+            if checkpoint is None:
+                raise Stopped(f"stopped by {stop.requested} during SFT (step {step + 1} of {steps}), no checkpoint")
+            path = checkpoint(step + 1, f"stopped by {stop.requested}")
+            raise Stopped(f"stopped by {stop.requested} during SFT (step {step + 1} of {steps}); checkpoint {path}; "
+                          f"continue with `rollflow train --resume {config.run_dir}`")
+        if checkpoint is not None and every and (step + 1) % every == 0 and step + 1 < steps:
+            checkpoint(step + 1, "periodic (SFT)")
 
 
 def step_record(result: StepResult, elapsed: float) -> dict[str, Any]:
@@ -501,7 +509,7 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path | Non
         checkpoint = Checkpoints(run_dir / "checkpoints").latest()
         if checkpoint is None:
             raise RunDirError(f"cannot resume {str(run_dir)!r}: it has no complete checkpoint (the run stopped before "
-                              f"its first, written after SFT); start it again with --overwrite")
+                              f"its first, written after the initial evaluation); start it again with --overwrite")
         done = read_meta(checkpoint)["step"]  # type: ignore[index]
         if done >= config.train.steps:
             raise RunDirError(f"{str(run_dir)!r} has already done {done} of train.steps={config.train.steps} steps; "
@@ -591,8 +599,18 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
         resume_at = Resume(meta["step"], meta["metrics_bytes"], meta["rollouts_bytes"], saved["progress"].evals,
                            meta["completed"]) if meta is not None else None
         with Tracker(run_dir, total_steps=config.sft.steps + t.steps, show_progress=config.progress, resume=resume_at) as tracker:
-            if meta is None:
-                progress = warm_start(config, workers, task, tokens, tracker, tokenizer, publish_and_eval, stop)
+            def save_sft(done: int, progress: Progress, why: str) -> Path:
+                return checkpoints.save(done - config.sft.steps, functools.partial(
+                    _write_sft_checkpoint, trainer, tracker, ledger, progress, done, why), name=f"sft_{done:06d}")
+
+            in_sft = meta is not None and meta["step"] < 0  # resumed from a checkpoint taken before or during SFT
+            if meta is None or in_sft:
+                if in_sft:
+                    saved["progress"].best.tokenizer = tokenizer
+                    _restore_trainer(trainer, checkpoint, saved)
+                    tracker.note(f"resumed from {checkpoint} (SFT step {saved['sft_step']} of {config.sft.steps})")
+                progress = warm_start(config, workers, task, tokens, tracker, tokenizer, publish_and_eval, stop, save_sft,
+                                      saved.get("progress"), saved.get("sft_step", 0))
                 controller = build_pipeline(config, workers, train_task, trainer.version(), tracer, ledger)
             else:
                 progress = saved["progress"]
@@ -612,9 +630,9 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                 return checkpoints.save(step, functools.partial(_write_checkpoint, workers, controller, tracker, ledger,
                                                                 progress, config.sft.steps + step, why))
 
-            if meta is None:
+            if meta is None or in_sft:
                 save_checkpoint(0, "after SFT")
-            history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0] if meta is not None else []
+            history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0]
             rl_start, last = time.perf_counter(), time.perf_counter()
             steps = controller.run(t.steps)
             try:
@@ -715,24 +733,31 @@ def run_summary(config: Config, progress: Progress, auto: AutoStaleness, control
 
 
 def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tracker: Tracker, tokenizer: Any,
-               publish_and_eval: Callable[[], float], stop: StopSignals) -> Progress:
+               publish_and_eval: Callable[[], float], stop: StopSignals,
+               save_sft: Callable[[int, Progress, str], Path], resumed: Progress | None = None, done: int = 0) -> Progress:
     """Before RL: the initial evaluation, SFT and its evaluation; then the trainer, critic and reference set up
-    for RL."""
+    for RL. A run resumed inside SFT passes the ``resumed`` progress and the SFT steps ``done``."""
     rt = config.runtime
     rollout, trainer = workers.rollout, workers.trainer
-    best = BestModel(Path(config.run_dir) / "model" if config.eval.keep_best else None, tokenizer)
-    acc_initial = publish_and_eval()
-    tracker.log_eval(0, acc_initial, "initial")
-    best.offer(-config.sft.steps, acc_initial, rollout)
-    acc_sft, sft_seconds = acc_initial, 0.0
+    progress = resumed
+    if progress is None:
+        best = BestModel(Path(config.run_dir) / "model" if config.eval.keep_best else None, tokenizer)
+        acc_initial = publish_and_eval()
+        tracker.log_eval(0, acc_initial, "initial")
+        best.offer(-config.sft.steps, acc_initial, rollout)
+        progress = Progress(acc_initial, acc_initial, 0.0, best, list(tracker.evals), acc_initial)
+        if config.sft.steps and config.checkpoint.sft_every:
+            save_sft(0, progress, "before SFT")
     if config.sft.steps:
         trainer.set_threads(config.sft.torch_threads)
         sft_start = time.perf_counter()
-        run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id, stop)
-        sft_seconds = time.perf_counter() - sft_start
-        acc_sft = publish_and_eval()
-        tracker.log_eval(0, acc_sft, "after SFT")
-        best.offer(0, acc_sft, rollout)
+        run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id, stop, done,
+                functools.partial(_save_sft_progress, save_sft, progress, sft_start) if config.checkpoint.sft_every else None)
+        progress.sft_seconds += time.perf_counter() - sft_start
+        progress.acc_sft = progress.acc = publish_and_eval()
+        tracker.log_eval(0, progress.acc_sft, "after SFT")
+        progress.evals = list(tracker.evals)
+        progress.best.offer(0, progress.acc_sft, rollout)
     if rt.backend != "inline":  # inline workers share the driver's threads
         trainer.set_threads(role_threads(rt, first_staleness(rt))[1])
     trainer.set_lr(config.train.lr)
@@ -740,7 +765,13 @@ def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tra
     if workers.reference is not None:
         workers.transport.pin(REFERENCE_WEIGHTS)  # the policy RL starts from (published just above)
         workers.reference.freeze()
-    return Progress(acc_initial, acc_sft, sft_seconds, best, list(tracker.evals), acc_sft)
+    return progress
+
+
+def _save_sft_progress(save_sft: Callable[[int, Progress, str], Path], progress: Progress, started: float,
+                       done: int, why: str) -> Path:
+    """An SFT checkpoint after ``done`` steps, with the SFT seconds counted so far."""
+    return save_sft(done, dataclasses.replace(progress, sft_seconds=progress.sft_seconds + time.perf_counter() - started), why)
 
 
 def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: dict[str, Any]) -> None:
@@ -767,6 +798,27 @@ def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: 
 def resumed_eta(rt: RuntimeConfig, saved: dict[str, Any]) -> int:
     """η after a resume: the configured one if it is a number (it may change on resume), else the one the run had."""
     return saved["controller"]["eta"] if rt.staleness == "auto" else int(rt.staleness)
+
+
+def _restore_trainer(trainer: WorkerGroup, checkpoint: Path, saved: dict[str, Any]) -> None:
+    """The trainer's state from an SFT checkpoint, published; this process's RNGs."""
+    trainer.load_state(str(checkpoint / "trainer.pt"))
+    trainer.publish()
+    random.setstate(saved["python_rng"])
+    torch.set_rng_state(saved["torch_rng"])
+
+
+def _write_sft_checkpoint(trainer: WorkerGroup, tracker: Tracker, ledger: Ledger, progress: Progress, done: int,
+                          why: str, folder: Path) -> dict[str, Any]:
+    """A checkpoint before or during SFT: the trainer's state, the SFT steps done, the recipe's progress, the RNGs
+    (nothing else has changed yet: no sample was admitted)."""
+    version = trainer.save_state(str(folder / "trainer.pt"))
+    state = {"sft_step": done, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+             "progress": dataclasses.replace(progress, best=dataclasses.replace(progress.best, tokenizer=None))}
+    torch.save(state, folder / "state.pt")
+    metrics_bytes, rollouts_bytes = tracker.sizes()
+    return {"version": version, "why": why, "sft_step": done, "ledger_bytes": ledger.size(),
+            "metrics_bytes": metrics_bytes, "rollouts_bytes": rollouts_bytes, "completed": done}
 
 
 def _write_checkpoint(workers: Workers, controller: Controller, tracker: Tracker, ledger: Ledger, progress: Progress,

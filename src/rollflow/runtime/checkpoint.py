@@ -50,13 +50,14 @@ class Checkpoints:
             raise ValueError(f"keep at least one checkpoint, got keep={keep}")
         self.root, self.keep = Path(root), keep
 
-    def save(self, step: int, write: Callable[[Path], dict[str, Any]]) -> Path:
+    def save(self, step: int, write: Callable[[Path], dict[str, Any]], name: str | None = None) -> Path:
         """Checkpoint ``step``: ``write(folder)`` writes its files into ``folder`` and returns what ``meta.json``
-        should record besides the step; returns the checkpoint's path."""
+        should record besides the step; returns the checkpoint's path, ``name`` (default ``step_NNNNNN``). Steps
+        order the checkpoints, whatever their names (SFT's come before RL's, at steps ≤ 0)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(TMP + "*"):  # left by a crash during an earlier save
             shutil.rmtree(stale, ignore_errors=True)
-        name = f"{PREFIX}{step:06d}"
+        name = name or f"{PREFIX}{step:06d}"
         tmp = self.root / f"{TMP}{name}"
         tmp.mkdir()
         meta = {"step": step, "written": time.time(), **write(tmp)}
@@ -79,7 +80,8 @@ class Checkpoints:
         """Every whole checkpoint, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(meta["step"], p) for p in self.root.glob(PREFIX + "*") if (meta := read_meta(p)) is not None]
+        found = [(meta["step"], p) for p in self.root.iterdir()
+                 if p.is_dir() and not p.name.startswith(TMP) and (meta := read_meta(p)) is not None]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Path | None:
