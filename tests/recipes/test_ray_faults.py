@@ -123,3 +123,23 @@ def test_a_run_killed_whole_resumes_on_ray_to_its_step_count_with_a_clean_ledger
     report = assert_whole(run_dir, 12)
     assert report.resumes == 1
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from_step"] >= 4
+
+
+def test_a_trainer_killed_during_sft_continues_from_its_sft_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*SMALL, "sft.steps=60", "sft.batch_size=256", "checkpoint.sft_every=20", "task.eval_size=16",
+            "train.steps=3", f"run_dir={run_dir}"]
+    proc = start(args, tmp_path)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "sft_000020").exists():
+        assert time.time() < deadline and proc.poll() is None, "no SFT checkpoint at step 20"
+        time.sleep(0.05)
+    kill_role("TrainerWorker")
+    err = finish(proc)
+    # Lost in an SFT step, or (if the kill lands while it writes a checkpoint) in a driver call to it.
+    assert re.search(r"(trainer was lost during SFT step \d+|trainer/0 was lost)[^:]*: restarting from sft_\d+ "
+                     r"\(restart 1 of 3\)", err), err[-2000:]
+    assert "resumed from" in err and "(SFT step " in err
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [-10, 0, 1, 2, 3]  # SFT's log lines and each RL step, once
+    assert_whole(run_dir, 3)

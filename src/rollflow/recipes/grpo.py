@@ -401,7 +401,12 @@ def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tr
     for step in range(first, steps):
         call = trainer.submit(0, "sft", upcoming, sft_loss, config.sft.lr * (1 - step / steps))
         upcoming = batch() if step + 1 < steps else None
-        m = trainer.backend.result(call)
+        try:
+            m = trainer.backend.result(call)
+        except Exception as e:
+            if trainer.backend.is_worker_lost(e):  # the run goes back to its last checkpoint (train's restarts)
+                raise WorkerGone(f"the trainer was lost during SFT step {step + 1} ({type(e).__name__})") from e
+            raise
         if (step + 1) % 50 == 0 or step == steps - 1:  # SFT steps are logged as -sft.steps+1 … 0
             tracker.log_step(step + 1 - steps, {"sft/loss": m["loss"]}, advance=(step + 1) - max(first, step // 50 * 50))
         if stop is not None and stop.requested is not None:
@@ -785,7 +790,7 @@ def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: 
         workers.reference.freeze()
     trainer.publish()
     for i, state in enumerate(saved["rollout_rng"][: len(workers.rollout)]):
-        workers.rollout.backend.result(workers.rollout.submit(i, "set_rng_state", state))
+        workers.rollout.call(i, "set_rng_state", state)
     eta = resumed_eta(rt, saved)
     if rt.backend != "inline":
         rollout_threads, trainer_threads = role_threads(rt, eta)

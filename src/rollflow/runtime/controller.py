@@ -18,7 +18,11 @@ A group leaves early in two ways: a stage's value is ``api.Reject`` (its workflo
 is given back, so admission refills the step. An infrastructure fault (a worker lost, a value whose status is
 ``infra_error``) sends the row back to the stage that failed (a reward is computed again on the same trajectory; a
 lost rollout is rolled out again), at most ``max_retries`` times a row; after that the value is kept as
-``infra_error`` (masked by the trainer) and a lost worker stops the run with the error.
+``infra_error`` (masked by the trainer), or, for a row lost with its worker, its group is dropped. A lost worker is
+sent nothing until a probe finds it rebuilt; a call past ``call_timeout`` has its worker killed (hung). A lost
+trainer raises ``TrainerLost``: the recipe goes back to its last checkpoint (``snapshot``/``restore``).
+
+Every sample's life goes to the ledger (``runtime.ledger``), every fault to ``faults`` and ``fault_log``.
 """
 
 from __future__ import annotations
@@ -167,8 +171,7 @@ class Controller:
             if not self._calls and not self._reprobe:
                 raise RuntimeError(f"pipeline stalled at version {self.version}: nothing in flight and no batch can be "
                                    f"formed ({self.store.counts()}); this is a bug in admission or the store")
-            timeout = self._watch()
-            for call in self.backend.wait(list(self._calls), timeout=timeout) if self._calls else time.sleep(timeout or 0) or []:
+            for call in self._done(self._watch()):
                 info = self._calls.pop(call)
                 if info.stage == PROBE:
                     self._on_probe(call, info)
@@ -200,6 +203,13 @@ class Controller:
                 self._feed(total)
                 yield self._step_result(self.trained, info.groups, result, last_step_end)
                 last_step_end = result.finished
+
+    def _done(self, timeout: float | None) -> list[Any]:
+        """The calls done within ``timeout`` (none: only lost workers wait to be asked again, later)."""
+        if not self._calls:
+            time.sleep(timeout or 0.0)
+            return []
+        return self.backend.wait(list(self._calls), timeout=timeout)
 
     def _watch(self) -> float | None:
         """Kill the workers of calls running past ``call_timeout`` (hung: the backend replaces them and their calls

@@ -77,6 +77,10 @@ class WorkerGroup:
         """Start ``method`` on worker ``index``; returns the backend's call handle."""
         return self.backend.submit(self.workers[index], method, *args, **kwargs)
 
+    def call(self, index: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` on worker ``index`` and return its result, waiting for the worker if it is being rebuilt."""
+        return self._finish(index, self.submit(index, method, *args, **kwargs), method, args, kwargs)
+
     def _call(self, method: str, mode: Mode, args: tuple, kwargs: dict) -> Any:
         if mode is Mode.FIRST:
             return self._finish(0, self.submit(0, method, *args, **kwargs), method, args, kwargs)
