@@ -6,6 +6,8 @@ import pytest
 from rollflow import load_config, train
 from rollflow.cli import main
 from rollflow.recipes.grpo import NonFiniteLoss
+from rollflow.runtime.backend import WorkerGone
+from rollflow.runtime.roles import TrainerWorker
 from rollflow.runtime.checkpoint import Checkpoints, read_meta
 from rollflow.runtime.ledger import check
 from rollflow.runtime.tracking import read_metrics
@@ -63,3 +65,40 @@ def test_a_reward_that_raises_mid_run_stops_it_with_the_finished_steps_checkpoin
     assert main(["train", "--resume", "run"]) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == list(range(1, 7))
     assert check(tmp_path / "run" / "ledger.jsonl").clean
+
+
+def crash_once(monkeypatch, cls, method, when):
+    """Make ``cls.method`` raise ``WorkerGone`` (a worker that died for good) the first time ``when(calls)`` holds."""
+    original, calls = getattr(cls, method), []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if when(len(calls)) and not hasattr(flaky, "done"):
+            flaky.done = True
+            raise WorkerGone("trainer/0 died (injected)")
+        return original(self, *args, **kwargs)
+
+    flaky.__rollflow_dispatch__ = getattr(original, "__rollflow_dispatch__", None)
+    monkeypatch.setattr(cls, method, flaky)
+
+
+def test_a_trainer_lost_mid_run_goes_back_to_its_checkpoint_and_ends_as_if_it_had_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [*SMALL, "task.eval_size=16", "sft.steps=10", "train.steps=6", "checkpoint.every=2"]
+    straight = train(load_config(overrides=[*args, "run_dir=straight"]))
+    crash_once(monkeypatch, TrainerWorker, "train", lambda n: n == 5)  # in step 5: back to the checkpoint of step 4
+    crashed = train(load_config(overrides=[*args, "run_dir=crashed"]))
+    assert crashed.summary["restarts"] == 1 and crashed.summary["resumed_from_step"] == 4
+    assert "trainer/0 died (injected): restarting from step_000004 (restart 1 of 3)" in (tmp_path / "crashed" / "notes.log").read_text()
+    learned = [{k: v for k, v in h.items() if k.startswith(("reward/", "train/", "eval/", "version"))} for h in straight.history]
+    assert [{k: v for k, v in h.items() if k.startswith(("reward/", "train/", "eval/", "version"))} for h in crashed.history] == learned
+    assert check(tmp_path / "crashed" / "ledger.jsonl").clean
+
+
+def test_a_trainer_lost_before_the_first_checkpoint_starts_the_run_again(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    crash_once(monkeypatch, TrainerWorker, "publish", lambda n: n == 1)  # the first publish, before the initial eval
+    result = train(load_config(overrides=[*SMALL, "task.eval_size=16", "train.steps=2", "run_dir=run"]))
+    assert result.summary["restarts"] == 1 and result.summary["resumed_from_step"] is None
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    assert "restarting from the start (restart 1 of 3)" in (tmp_path / "run" / "notes.log").read_text()

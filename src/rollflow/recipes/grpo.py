@@ -557,13 +557,15 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
             try:
                 return _run(config, task, tokenizer, checkpoint, restarts, stop)
             except (TrainerLost, WorkerGone) as e:
-                checkpoint = Checkpoints(Path(config.run_dir) / "checkpoints").latest()
-                if restarts >= config.runtime.max_restarts or checkpoint is None:
-                    why = "no checkpoint to go back to" if checkpoint is None else \
-                        f"runtime.max_restarts={config.runtime.max_restarts} restarts used"
-                    raise RuntimeError(f"{e}; not restarting: {why}") from e
+                if restarts >= config.runtime.max_restarts:
+                    raise RuntimeError(f"{e}; not restarting: runtime.max_restarts={config.runtime.max_restarts} "
+                                       f"restarts used") from e
                 restarts += 1
-                _note(Path(config.run_dir), f"{e}: restarting from {checkpoint.name} (restart {restarts} of "
+                checkpoint = Checkpoints(Path(config.run_dir) / "checkpoints").latest()
+                if checkpoint is None:  # lost before the first checkpoint: nothing worth keeping was done yet
+                    prepare_run_dir(config, resume=False, overwrite=True)
+                where = "the start" if checkpoint is None else checkpoint.name
+                _note(Path(config.run_dir), f"{e}: restarting from {where} (restart {restarts} of "
                                             f"{config.runtime.max_restarts})")
 
 
