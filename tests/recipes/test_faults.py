@@ -7,9 +7,9 @@ from rollflow import load_config, train
 from rollflow.cli import main
 from rollflow.recipes.grpo import NonFiniteLoss
 from rollflow.runtime.backend import WorkerGone
-from rollflow.runtime.roles import TrainerWorker
 from rollflow.runtime.checkpoint import Checkpoints, read_meta
 from rollflow.runtime.ledger import check
+from rollflow.runtime.roles import TrainerWorker
 from rollflow.runtime.tracking import read_metrics
 
 SMALL = ["sft.steps=0", "rollout.groups_per_step=4", "rollout.group_size=4", "eval.every=0", "runtime.backend=inline", "progress=false", "model.hidden_size=32", "model.layers=1", "model.heads=2",
