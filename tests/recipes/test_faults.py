@@ -102,3 +102,24 @@ def test_a_trainer_lost_before_the_first_checkpoint_starts_the_run_again(tmp_pat
     assert result.summary["restarts"] == 1 and result.summary["resumed_from_step"] is None
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
     assert "restarting from the start (restart 1 of 3)" in (tmp_path / "run" / "notes.log").read_text()
+
+
+def test_a_trainer_that_keeps_dying_stops_the_run_after_max_restarts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original, calls = TrainerWorker.train, []
+
+    def dies_from_step_3(self, groups):
+        calls.append(1)
+        if len(calls) >= 3:
+            raise WorkerGone("trainer/0 died (injected)")
+        return original(self, groups)
+
+    dies_from_step_3.__rollflow_dispatch__ = original.__rollflow_dispatch__
+    monkeypatch.setattr(TrainerWorker, "train", dies_from_step_3)
+    with pytest.raises(RuntimeError, match=r"trainer/0 died \(injected\); not restarting: runtime.max_restarts=2 "
+                                           r"restarts used"):
+        train(load_config(overrides=[*SMALL, "task.eval_size=16", "train.steps=4", "checkpoint.every=1",
+                                     "runtime.max_restarts=2", "run_dir=run"]))
+    notes = (tmp_path / "run" / "notes.log").read_text()
+    assert notes.count("restarting from step_000002") == 2  # both restarts went back to the last good step
+    assert check(tmp_path / "run" / "ledger.jsonl").trained_twice == []
