@@ -7,10 +7,10 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+from test_resume import start, wait_for_step
 
 from rollflow.runtime.ledger import check
 from rollflow.runtime.tracking import read_metrics
@@ -34,23 +34,6 @@ def score(problem, response):
         time.sleep(3600)
     return float(response.strip() == problem.answer.strip())
 """
-
-
-def start(args, cwd, **env):
-    return subprocess.Popen([sys.executable, "-m", "rollflow.cli", "train", *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
-
-
-def wait_for_step(proc, run_dir, step, timeout=240):
-    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
-    while time.time() < deadline:
-        if metrics.exists() and f'"step": {step},' in metrics.read_text():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before step {step}: {proc.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no step {step} within {timeout} s")
 
 
 def kill_role(title):
@@ -78,11 +61,11 @@ def test_killed_rollout_reward_and_trainer_workers_are_replaced_and_nothing_is_l
     run_dir = tmp_path / "run"
     proc = start([*SMALL, *SLOW_REWARDS, "task.eval_size=16", "train.steps=24", "checkpoint.every=3",
                   f"run_dir={run_dir}"], tmp_path)
-    wait_for_step(proc, run_dir, 3)
+    wait_for_step(proc, run_dir / "metrics.jsonl", 3, timeout=240)
     kill_role("RolloutWorker")
-    wait_for_step(proc, run_dir, 9)
+    wait_for_step(proc, run_dir / "metrics.jsonl", 9, timeout=240)
     kill_role("RewardWorker")
-    wait_for_step(proc, run_dir, 14)
+    wait_for_step(proc, run_dir / "metrics.jsonl", 14, timeout=240)
     kill_role("TrainerWorker")
     err = finish(proc)
 
@@ -115,7 +98,7 @@ def test_a_run_killed_whole_resumes_on_ray_to_its_step_count_with_a_clean_ledger
     run_dir = tmp_path / "run"
     args = [*SMALL, *SLOW_REWARDS, "task.eval_size=16", "train.steps=12", "checkpoint.every=2", f"run_dir={run_dir}"]
     proc = start(args, tmp_path)
-    wait_for_step(proc, run_dir, 5)
+    wait_for_step(proc, run_dir / "metrics.jsonl", 5, timeout=240)
     proc.kill()  # SIGKILL of the driver, as `kill -9` would
     proc.communicate(timeout=60)
     resumed = start(["--resume", str(run_dir)], tmp_path)

@@ -28,16 +28,17 @@ def learned(run_dir):
     return [{k: v for k, v in r.items() if k == "step" or k.startswith(LEARNED)} for r in rows]
 
 
-def start(args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "rollflow.cli", "train", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(args, cwd, **env):
+    """``rollflow train ARGS`` in a process of its own, in ``cwd``, with ``env`` added to the environment."""
+    return subprocess.Popen([sys.executable, "-m", "rollflow.cli", "train", *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
 
 
 def wait_for_step(proc, metrics, step, timeout=120):
     """Block until ``metrics`` has a line for ``step`` (the run is past it)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if metrics.exists() and any(f'"step": {step},' in line for line in metrics.read_text().splitlines()):
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
             return
         if proc.poll() is not None:
             pytest.fail(f"the run ended before step {step}: {proc.stderr.read()}")

@@ -459,12 +459,11 @@ class Config(Section):
         """G × n: samples the trainer consumes per RL step."""
         return self.rollout.groups_per_step * self.rollout.group_size
 
-    def resume_differences(self, saved: Config) -> list[str]:
-        """Dotted keys whose values differ from ``saved`` and may not change on resume."""
+    def resume_differences(self, saved: Config) -> dict[str, tuple[Any, Any]]:
+        """Dotted keys whose values differ from ``saved`` and may not change on resume → (saved value, this one)."""
         mine, theirs = _flatten(self.model_dump()), _flatten(saved.model_dump())
-        return sorted(k for k in mine.keys() | theirs.keys()
-                      if mine.get(k) != theirs.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
-                                                                  for r in RESUMABLE))
+        return {k: (theirs.get(k), mine.get(k)) for k in sorted(mine.keys() | theirs.keys())
+                if mine.get(k) != theirs.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE)}
 
     @model_validator(mode="after")
     def _overlong(self) -> Config:

@@ -54,7 +54,7 @@ from rollflow.api import (
     TrajectoryCell,
 )
 from rollflow.config import Config, ConfigError, dump_config, load_config
-from rollflow.config.schema import RuntimeConfig, _flatten
+from rollflow.config.schema import RuntimeConfig
 from rollflow.engines.critic import TorchCriticEngine, ValueModel
 from rollflow.engines.hf_inference import HFInferenceEngine
 from rollflow.engines.models import (
@@ -507,8 +507,7 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path | Non
         except ConfigError as e:
             raise RunDirError(f"cannot resume {str(run_dir)!r}: its config.yaml no longer loads: {e}") from e
         if differ := config.resume_differences(saved):
-            was, now = _flat(saved), _flat(config)
-            listed = "; ".join(f"{k}: {was.get(k)!r} in the run, {now.get(k)!r} now" for k in differ)
+            listed = "; ".join(f"{k}: {was!r} in the run, {now!r} now" for k, (was, now) in differ.items())
             raise RunDirError(f"cannot resume {str(run_dir)!r} with a different config ({listed}); only "
                               f"train.steps, eval.*, checkpoint.*, runtime.* and progress may change on resume")
         checkpoint = Checkpoints(run_dir / "checkpoints").latest()
@@ -529,10 +528,6 @@ def prepare_run_dir(config: Config, resume: bool, overwrite: bool) -> Path | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(config))
     return None
-
-
-def _flat(config: Config) -> dict[str, Any]:
-    return _flatten(config.model_dump())
 
 
 def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None = None, *, resume: bool = False,
@@ -782,24 +777,19 @@ def _save_sft_progress(save_sft: Callable[[int, Progress, str], Path], progress:
 
 
 def _restore_workers(config: Config, workers: Workers, checkpoint: Path, saved: dict[str, Any]) -> None:
-    """Put the workers back where the checkpoint left them: the trainer's state (published as its version), the
-    reference weights, each rollout engine's sampling RNG, and this process's RNGs."""
+    """Put the workers back where an RL checkpoint left them: the trainer (``_restore_trainer``), the reference
+    weights, each rollout engine's sampling RNG, and the threads of the η the run resumes at."""
     rt = config.runtime
-    trainer = workers.trainer
-    trainer.load_state(str(checkpoint / "trainer.pt"))
+    _restore_trainer(workers.trainer, checkpoint, saved)
     if workers.reference is not None:
         workers.transport.pin(REFERENCE_WEIGHTS, torch.load(checkpoint / "reference.pt", weights_only=False))
         workers.reference.freeze()
-    trainer.publish()
     for i, state in enumerate(saved["rollout_rng"][: len(workers.rollout)]):
         workers.rollout.call(i, "set_rng_state", state)
-    eta = resumed_eta(rt, saved)
     if rt.backend != "inline":
-        rollout_threads, trainer_threads = role_threads(rt, eta)
+        rollout_threads, trainer_threads = role_threads(rt, resumed_eta(rt, saved))
         workers.rollout.set_threads(rollout_threads)
-        trainer.set_threads(trainer_threads)
-    random.setstate(saved["python_rng"])
-    torch.set_rng_state(saved["torch_rng"])
+        workers.trainer.set_threads(trainer_threads)
 
 
 def resumed_eta(rt: RuntimeConfig, saved: dict[str, Any]) -> int:
@@ -808,7 +798,7 @@ def resumed_eta(rt: RuntimeConfig, saved: dict[str, Any]) -> int:
 
 
 def _restore_trainer(trainer: WorkerGroup, checkpoint: Path, saved: dict[str, Any]) -> None:
-    """The trainer's state from an SFT checkpoint, published; this process's RNGs."""
+    """The trainer's state from any checkpoint, published as its version; this process's RNGs."""
     trainer.load_state(str(checkpoint / "trainer.pt"))
     trainer.publish()
     random.setstate(saved["python_rng"])
@@ -819,30 +809,29 @@ def _write_sft_checkpoint(trainer: WorkerGroup, tracker: Tracker, ledger: Ledger
                           why: str, folder: Path) -> dict[str, Any]:
     """A checkpoint before or during SFT: the trainer's state, the SFT steps done, the recipe's progress, the RNGs
     (nothing else has changed yet: no sample was admitted)."""
-    version = trainer.save_state(str(folder / "trainer.pt"))
-    state = {"sft_step": done, "python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
-             "progress": dataclasses.replace(progress, best=dataclasses.replace(progress.best, tokenizer=None))}
-    torch.save(state, folder / "state.pt")
-    metrics_bytes, rollouts_bytes = tracker.sizes()
-    return {"version": version, "why": why, "sft_step": done, "ledger_bytes": ledger.size(),
-            "metrics_bytes": metrics_bytes, "rollouts_bytes": rollouts_bytes, "completed": done}
+    return {**_write_trainer_and_driver(trainer, tracker, ledger, progress, done, why, folder, sft_step=done),
+            "sft_step": done}
 
 
 def _write_checkpoint(workers: Workers, controller: Controller, tracker: Tracker, ledger: Ledger, progress: Progress,
                       completed: int, why: str, folder: Path) -> dict[str, Any]:
-    """The files of one checkpoint (see ``Checkpoints.save``): the trainer's state (written by the trainer), the
-    reference weights, and the driver's state: the controller and store, every RNG, the recipe's progress."""
-    workers.trainer.save_state(str(folder / "trainer.pt"))
+    """An RL checkpoint: besides what every checkpoint holds, the reference weights, the controller and its store,
+    and each rollout engine's sampling RNG."""
     if workers.reference is not None:
         torch.save(workers.transport.pinned(REFERENCE_WEIGHTS), folder / "reference.pt")
-    state = {
-        "controller": controller.snapshot(),
-        "rollout_rng": workers.rollout.rng_state(),
-        "python_rng": random.getstate(),
-        "torch_rng": torch.get_rng_state(),
-        "progress": dataclasses.replace(progress, best=dataclasses.replace(progress.best, tokenizer=None)),
-    }
+    return _write_trainer_and_driver(workers.trainer, tracker, ledger, progress, completed, why, folder,
+                                     controller=controller.snapshot(), rollout_rng=workers.rollout.rng_state())
+
+
+def _write_trainer_and_driver(trainer: WorkerGroup, tracker: Tracker, ledger: Ledger, progress: Progress,
+                              completed: int, why: str, folder: Path, **state: Any) -> dict[str, Any]:
+    """What every checkpoint holds (see ``Checkpoints.save``): the trainer's state (written by the trainer), the
+    driver's ``state`` with the recipe's progress and this process's RNGs, and for ``meta.json`` the lengths of the
+    files a resume cuts back to."""
+    version = trainer.save_state(str(folder / "trainer.pt"))
+    state |= {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state(),
+              "progress": dataclasses.replace(progress, best=dataclasses.replace(progress.best, tokenizer=None))}
     torch.save(state, folder / "state.pt")
     metrics_bytes, rollouts_bytes = tracker.sizes()
-    return {"version": controller.version, "why": why, "ledger_bytes": ledger.size(), "metrics_bytes": metrics_bytes,
+    return {"version": version, "why": why, "ledger_bytes": ledger.size(), "metrics_bytes": metrics_bytes,
             "rollouts_bytes": rollouts_bytes, "completed": completed}

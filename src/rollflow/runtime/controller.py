@@ -46,6 +46,7 @@ from rollflow.runtime.trace import Tracer
 
 TRAIN = "train"
 PROBE = "probe"  # a call asking a lost worker whether it is back
+REJECTED = "rejected by its workflow"
 
 
 @dataclass
@@ -142,8 +143,8 @@ class Controller:
         self._calls: dict[Any, _Call] = {}
         self._claimed: dict[str, set[int]] = {name: set() for name in self.stages}  # rows each stage works on now
         self._load = {name: [[0, 0] for _ in range(len(s.group))] for name, s in self.stages.items()}  # [calls, rows]
-        self._rejected: set[int] = set()  # groups a workflow rejected, dropped once no stage works on them
-        self._drop_reason: dict[int, str] = {}  # why a group in _rejected is dropped, when no workflow rejected it
+        self._leaving: dict[int, str] = {}  # group → why it is dropped once no stage works on it (its workflow
+        # rejected it, or a row was lost with its worker too often)
         self._lanes: dict[str, list[float]] = {}  # trace track → end time of each lane
         self._training = False
         self._pickups: list[tuple[float, float]] = []  # (pick-up delay, load seconds) since the last step
@@ -238,8 +239,8 @@ class Controller:
         info.killed = self.backend.kill(group.workers[info.worker])
         if info.killed:
             self.faults["hung_killed"] += 1
-            self._log(f"{group.name}/{info.worker}: a call ran past runtime.call_timeout={self.call_timeout:g} s; "
-                      f"killed, to be replaced")
+            self.fault_log.append(f"{group.name}/{info.worker}: a call ran past runtime.call_timeout="
+                                  f"{self.call_timeout:g} s; killed, to be replaced")
             self.tracer.instant(f"{group.name}/{info.worker}", "killed: hung", now, timeout=self.call_timeout)
             for uid in info.inputs:
                 self.ledger.record("hung", uid, column=info.stage, timeout=self.call_timeout)
@@ -261,11 +262,8 @@ class Controller:
             return
         self._down.discard((info.probe_of, info.worker))
         group = self.stages[info.probe_of].group
-        self._log(f"{group.name}/{info.worker} is back")
+        self.fault_log.append(f"{group.name}/{info.worker} is back")
         self.tracer.instant(f"{group.name}/{info.worker}", "worker back", time.time())
-
-    def _log(self, line: str) -> None:
-        self.fault_log.append(line)
 
     def _feed(self, total: int) -> None:
         """Admit what the budget allows, then give every stage the rows waiting for it."""
@@ -287,7 +285,7 @@ class Controller:
         shared evenly over the workers with room for a call, so no worker idles while groups wait."""
         load = self._load[stage.column]
         waiting = [u for u in self.store.pending(stage.column) if not self._busy(u)]
-        groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._rejected]
+        groups = [g for g in self._by_group(waiting) if self.store.group_of(g[0]) not in self._leaving]
         if not stage.whole_groups:
             groups = [[u] for g in groups for u in g]
         up = [i for i in range(len(stage.group)) if (stage.column, i) not in self._down]
@@ -338,7 +336,7 @@ class Controller:
             gid = self.store.group_of(p.uid)
             touched.add(gid)
             if isinstance(p.value, Reject):
-                self._rejected.add(gid)
+                self._leaving[gid] = REJECTED
             elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
                 self._retry(p.uid, info.stage, "infra_error")
             else:
@@ -355,12 +353,11 @@ class Controller:
         uids = self.store.group_uids(gid)
         if not uids or any(map(self._busy, uids)):
             return
-        if gid in self._rejected:
-            self._rejected.discard(gid)
-            if gid in self._drop_reason:  # not the workflow's doing: not counted against it
-                self._drop(gid, uids, self._drop_reason.pop(gid))
+        if gid in self._leaving:
+            why = self._leaving.pop(gid)
+            self._drop(gid, uids, why)
+            if why != REJECTED:  # not the workflow's doing: not counted against it
                 return
-            self._drop(gid, uids, "rejected by its workflow")
             self.rejected_groups += 1
             self._rejected_this_step += 1
             if self._rejected_this_step > self.max_rejected:
@@ -392,17 +389,16 @@ class Controller:
         if (stage.column, info.worker) not in self._down:
             self._down.add((stage.column, info.worker))
             self.faults["worker_lost"] += 1
-            self._log(f"{where} lost ({type(error).__name__}): its rows go back to be produced again")
+            self.fault_log.append(f"{where} lost ({type(error).__name__}): its rows go back to be produced again")
             self.tracer.instant(where, "worker lost", time.time(), error=type(error).__name__)
             self._probe(stage.column, info.worker)
         for uid in [u for u in info.inputs if u in self.store]:
             if self._retries.get(uid, 0) >= self.max_retries:
                 gid = self.store.group_of(uid)
                 self.faults["dropped_after_faults"] += 1
-                self._log(f"sample {uid} was on a lost worker {self._retries[uid] + 1} times: its group {gid} is "
-                          f"dropped (runtime.max_retries={self.max_retries})")
-                self._rejected.add(gid)  # dropped once no stage works on it, like a rejected group
-                self._drop_reason[gid] = f"its worker was lost {self._retries[uid] + 1} times"
+                self.fault_log.append(f"sample {uid} was on a lost worker {self._retries[uid] + 1} times: its group "
+                                      f"{gid} is dropped (runtime.max_retries={self.max_retries})")
+                self._leaving[gid] = f"its worker was lost {self._retries[uid] + 1} times"
                 continue
             self._retry(uid, stage.column, f"worker lost: {type(error).__name__}", event="readmitted")
         for gid in {self.store.group_of(u) for u in info.inputs if u in self.store}:
@@ -488,16 +484,11 @@ class Controller:
         position and the store, every produced trajectory resolved from the payload store (a handle would not
         outlive this run). Calls in flight are not saved: their rows are saved without what those calls would have
         written, and are produced again after a restore."""
-        cells = [c for uid in self.store.uids() for c in self.store.cells(uid).values() if isinstance(c, TrajectoryCell)]
-        full = dict(zip(map(id, cells), self.backend.payloads.get([c.payload for c in cells])))
-
-        def pack(row: dict[str, Any]) -> dict[str, Any]:
-            return {k: dataclasses.replace(c, payload=full[id(c)]) if id(c) in full else c for k, c in row.items()}
-
+        pack = _swap_payloads([self.store.cells(uid) for uid in self.store.uids()], self.backend.payloads.get)
         return {
             "store": self.store.snapshot(pack), "admitted": self.budget.admitted, "eta": self.budget.eta,
             "version0": self.version0, "version": self.version, "trained": self.trained, "next_group": self._next_group,
-            "retries": dict(self._retries), "rejected": set(self._rejected), "drop_reason": dict(self._drop_reason),
+            "retries": dict(self._retries), "leaving": dict(self._leaving),
             "infra_retries": self.infra_retries,
             "dropped_groups": self.dropped_groups, "rejected_groups": self.rejected_groups, "faults": dict(self.faults),
         }
@@ -510,23 +501,17 @@ class Controller:
         for _ in range(state["next_group"]):
             next(self.tasks)
         self._next_group = state["next_group"]
-        trajectories = [c for row in state["store"]["rows"].values() for c in row.cells.values() if isinstance(c, TrajectoryCell)]
-        handles = dict(zip(map(id, trajectories), self.backend.payloads.put([c.payload for c in trajectories])))
-
-        def unpack(row: dict[str, Any]) -> dict[str, Any]:
-            return {k: dataclasses.replace(c, payload=handles[id(c)]) if id(c) in handles else c for k, c in row.items()}
-
-        self.store.restore(state["store"], unpack)
+        rows = state["store"]["rows"].values()
+        self.store.restore(state["store"], _swap_payloads([row.cells for row in rows], self.backend.payloads.put))
         self.budget.admitted = state["admitted"]
         self.budget.set_eta(state["eta"])
         self.version0, self.version, self.trained = state["version0"], state["version"], state["trained"]
-        self._retries, self._rejected = dict(state["retries"]), set(state["rejected"])
-        self._drop_reason = dict(state["drop_reason"])
+        self._retries, self._leaving = dict(state["retries"]), dict(state["leaving"])
         self.infra_retries, self.faults = state["infra_retries"], Counter(state["faults"])
         self.dropped_groups, self.rejected_groups = state["dropped_groups"], state["rejected_groups"]
         for uid in self.store.uids():
             self.ledger.record("readmitted", uid, why=why)
-        for gid in list(self._rejected):
+        for gid in list(self._leaving):
             self._settle(gid)
 
     def pipeline_summary(self) -> dict[str, float]:
@@ -542,6 +527,14 @@ class Controller:
             "trainer_busy_fraction": train / wall,
             "pipeline_efficiency": max(producers, train) / wall,
         }
+
+
+def _swap_payloads(rows: list[dict[str, Any]], swap: Callable[[list[Any]], list[Any]]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """For the cells of ``rows``: a function giving a row's cells with each trajectory cell's payload replaced by
+    what ``swap`` (one call for all of them: resolve handles to values, or store values as handles) made of it."""
+    cells = [c for row in rows for c in row.values() if isinstance(c, TrajectoryCell)]
+    new = dict(zip(map(id, cells), swap([c.payload for c in cells])))
+    return lambda row: {k: dataclasses.replace(c, payload=new[id(c)]) if id(c) in new else c for k, c in row.items()}
 
 
 def _mean(xs: list[float]) -> float:

@@ -37,7 +37,7 @@ class Ledger:
         self._file = None
         if self.path is not None:
             self._file = open(self.path, "a" if append else "w", encoding="utf-8")
-            if append and self._file.tell() and not self.path.read_bytes().endswith(b"\n"):
+            if append and self._file.tell() and _last_byte(self.path) != b"\n":
                 self._file.write("\n")  # a line cut off by a crash: end it, so the next event starts its own line
 
     def record(self, event: str, uid: int, **fields: Any) -> None:
@@ -65,6 +65,12 @@ class Ledger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 @dataclass
