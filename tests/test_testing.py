@@ -76,9 +76,9 @@ def test_fake_engine_answers_from_its_script_at_its_version():
 def test_fake_text_env_takes_its_scripted_time_and_ends_after_its_turns():
     env = FakeTextEnv(turns=2, durations=lambda task, turn: 0.05 * turn, observe=lambda task, turn, action: f"{task}:{turn}",
                       reward=lambda task, action: float(action == "ok"))
-    assert env.reset("t") == "t"
     loop = asyncio.new_event_loop()
     try:
+        assert loop.run_until_complete(env.reset("t")) == "t"
         first = loop.run_until_complete(env.step("no"))
         started = loop.time()
         second = loop.run_until_complete(env.step("ok"))

@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p_ledger = sub.add_parser("ledger", help="check a run's ledger: nothing trained twice, nothing trained unadmitted")
     p_ledger.add_argument("action", choices=["check"])
     p_ledger.add_argument("run_dir", metavar="RUN_DIR")
+    p_sandbox = sub.add_parser("sandbox", help="run an untrusted Python file with resource limits and, where Linux "
+                               "allows, its own namespaces (no network, a read-only view of the host)")
+    p_sandbox.add_argument("action", choices=["run"])
+    p_sandbox.add_argument("file", metavar="FILE", help="the Python file to run (a copy runs in a private directory)")
+    p_sandbox.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wall-clock seconds (default 10)")
+    p_sandbox.add_argument("--json", action="store_true", help="print the result as one JSON object")
     # Flags may sit among the overrides (`train a=1 --overwrite b=2`): argparse leaves what follows a flag unparsed.
     ns, rest = parser.parse_known_args(argv)
     if rest and (getattr(ns, "args", None) is None or any(a.startswith("-") for a in rest)):
@@ -41,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list(ns.what)
     if ns.command == "ledger":
         return _ledger_check(ns.run_dir)
+    if ns.command == "sandbox":
+        return _sandbox(ns.file, ns.timeout, ns.json)
     path, overrides = _split(ns.args)
     resume = getattr(ns, "resume", None)
     if resume is not None:
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(config, resume=resume is not None, overwrite=ns.command == "train" and ns.overwrite)
-    except (TaskDataError, RewardFnError, FileNotFoundError, RunDirError) as e:  # the user's input, named in the message
+    except (TaskDataError, RewardFnError, FileNotFoundError, RunDirError, ConfigError) as e:  # the user's input, named in the message
         print(f"rollflow: {_with_notes(e)}", file=sys.stderr)
         return 2
     except (WorkerStartError, NonFiniteLoss) as e:  # one line says it all; a traceback would only show Ray's code
@@ -111,6 +119,35 @@ def _ledger_check(run_dir: str) -> int:
         return 2
     print(report.summary())
     return 0 if report.clean else 1
+
+
+def _sandbox(file: str, timeout: float, as_json: bool) -> int:
+    """Exit 0 when the program ran ok, 1 when it did not (or the sandbox could not run it), 2 for bad input."""
+    import json
+    import signal
+
+    from rollflow.envs.sandbox import Sandbox, SandboxError, SandboxLimits
+
+    if not Path(file).is_file():
+        print(f"rollflow: no file {file!r} to run in the sandbox", file=sys.stderr)
+        return 2
+    if not timeout > 0:
+        print(f"rollflow: --timeout must be a positive number of seconds, got {timeout}", file=sys.stderr)
+        return 2
+    try:
+        result = Sandbox(SandboxLimits(timeout_s=timeout)).run_file(file)
+    except SandboxError as e:
+        print(f"rollflow: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(result.to_json()))
+    else:
+        how = f"exit {result.exit_code}" if result.signal is None else f"signal {signal.Signals(result.signal).name}"
+        print(f"{result.status} ({how}) in {result.duration_s:.2f} s, isolation {result.isolation}")
+        for name, text in (("stdout", result.stdout), ("stderr", result.stderr)):
+            if text:
+                print(f"--- {name} ---\n{text}", end="" if text.endswith("\n") else "\n")
+    return 0 if result.status == "ok" else 1
 
 
 def _list(what: str) -> int:

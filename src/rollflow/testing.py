@@ -2,7 +2,7 @@
 
 - ``FakeEngine``: an ``InferenceEngine`` that answers from a script, records every batch it is asked for, and takes
   weight versions as a real engine would (one version per batch, per-token versions in every generation).
-- ``FakeTextEnv``: a ``TextEnv`` whose steps take scripted, variable time and answer from a script.
+- ``FakeTextEnv``: an ``Env`` whose steps take scripted, variable time and answer from a script.
 - ``ScriptedBackend``: an inline backend on a virtual clock: every call runs when submitted, and finishes after the
   duration a script gives it, so calls complete out of submission order, the same way on every run.
 
@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from rollflow.api import EnvStep, Generation, SamplingParams, VersionedWeights
+from rollflow.api import Generation, SamplingParams, StepResult, VersionedWeights
 from rollflow.runtime.backend import InlineBackend
 
 
@@ -67,17 +67,17 @@ class FakeTextEnv:
         self.task: Any = None
         self.turn = 0
 
-    def reset(self, task: Any) -> str:
+    async def reset(self, task: Any) -> str:
         self.task, self.turn = task, 0
         return self.prompt(task)
 
-    async def step(self, action: str) -> EnvStep:
+    async def step(self, action: str) -> StepResult:
         await asyncio.sleep(self.durations(self.task, self.turn))
         self.actions.append((self.task, self.turn, action))
         self.turn += 1
         done = self.turn >= self.turns
         reward = self.reward(self.task, action) if done else 0.0
-        return EnvStep(self.observe(self.task, self.turn, action), reward, done)
+        return StepResult(self.observe(self.task, self.turn, action), reward, done)
 
 
 class _Scripted:

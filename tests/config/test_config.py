@@ -70,7 +70,7 @@ def test_samples_per_step_is_prompts_times_samples():
         (
             ["task.name=foo"],
             ("task.name: Input tag 'foo' found using 'name' does not match any of the expected tags: "
-             "'addition', 'sorting', 'file'"),
+             "'addition', 'sorting', 'file', 'guess', 'program'"),
         ),
         (
             ["task.name=sorting", "task.max_digits=4"],

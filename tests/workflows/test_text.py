@@ -21,7 +21,7 @@ from rollflow.runtime.stage import Stage
 from rollflow.runtime.staleness import StalenessBudget
 from rollflow.runtime.store import SampleStore
 from rollflow.testing import FakeEngine, FakeTextEnv
-from rollflow.workflows import MultiTurn, Tokens
+from rollflow.workflows import AgentLoop, Tokens
 
 GROUPS, SIZE, STEPS, ETA = 2, 2, 3, 1
 SLOW = 0.3  # seconds an even task's environment step takes; odd tasks' take none
@@ -45,7 +45,7 @@ def answer(tokenizer, prompt_ids):
 def rollout_worker(tokenizer, transport, payloads):
     engine = FakeEngine(functools.partial(answer, tokenizer), eos=tokenizer.eos_token_id, text=tokenizer.decode)
     params = SamplingParams(max_new_tokens=4)
-    return RolloutWorker(engine, transport, MultiTurn(env, Tokens(tokenizer), params, max_turns=2), params, payloads,
+    return RolloutWorker(engine, transport, AgentLoop(env, Tokens(tokenizer), max_turns=2), params, payloads,
                          Limits(episode=30.0, env=10.0))
 
 
@@ -87,9 +87,11 @@ def check_turn_by_turn(results, tokenizer, payloads):
         observation = tokens.encode("=")
         second = answer(tokenizer, prompt + first + observation)
         assert t.tokens == prompt + first + observation + second  # ids exactly as produced, never re-tokenised
-        assert [turn.source for turn in t.turns] == ["prompt", "model", "env", "model"]
+        # the last step's observation is not shown: an empty env turn keeps its span
+        assert [turn.source for turn in t.turns] == ["prompt", "model", "env", "model", "env"]
+        n = len(t.tokens)
         assert [(turn.start, turn.end) for turn in t.turns] == [
-            (0, len(prompt)), (len(prompt), len(prompt) + 2), (len(prompt) + 2, len(prompt) + 3), (len(t.tokens) - 2, len(t.tokens))]
+            (0, len(prompt)), (len(prompt), len(prompt) + 2), (len(prompt) + 2, len(prompt) + 3), (n - 2, n), (n, n)]
         assert t.loss_mask == [0] * len(prompt) + [1, 1] + [0] + [1, 1]
         assert t.logprobs == [0.0] * len(prompt) + [-0.5, -0.5, 0.0, -0.5, -0.5]
         v1, v2 = t.versions[len(prompt)], t.versions[-1]
@@ -143,7 +145,7 @@ def test_single_turn_tokenises_a_prompt_once_per_group_and_keeps_the_last_prompt
             calls.append(text)
             return super().prompt(text)
 
-    workflow = SingleTurn(Counting(tokenizer), SamplingParams(), cache=2)
+    workflow = SingleTurn(Counting(tokenizer), cache=2)
     ids = [workflow.prompt_ids(t) for t in ("1+2=", "1+2=", "3+4=", "5+6=", "1+2=")]
     assert ids[0] == ids[1] == ids[4] == Tokens(tokenizer).prompt("1+2=")
     assert calls == ["1+2=", "3+4=", "5+6=", "1+2="]  # the third prompt pushed the first out of the cache

@@ -2,8 +2,9 @@
 
 One function, top to bottom, in the order of ``reference/grpo.py``: trajectories → batch (their token ids as
 produced, the loss mask from the workflow) → reward shaping → KL in the reward → advantages (outcome-level per group,
-or token-level with an optional critic) → π_old recompute for stale tokens → the policy loss through the engine
-(minibatches, epochs, the step's learning-rate scale) → the critic's update → staleness metrics.
+or token-level with an optional critic; optionally × each sample's action duration over the batch mean) → π_old
+recompute for stale tokens → the policy loss through the engine (minibatches, epochs, the step's learning-rate scale)
+→ the critic's update → staleness metrics.
 
 Where it departs from ``reference/grpo.py``: rows whose status is ``infra_error`` take part in no group statistic
 and no loss (masked); minibatches keep groups whole; the step's learning rate is scaled by its share of samples
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from rollflow.algos.batch import outcome_token_rewards
+from rollflow.algos.duration import action_duration, duration_weights
 from rollflow.api import CriticEngine, LossFn, LossOutput, SampleRow, Status, TrainBatch, TrainEngine
 
 
@@ -37,6 +39,7 @@ class Algorithm:
     kl_reward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # (behav, ref) (B, T) -> reward (B, T)
     value_loss: Callable[[torch.Tensor, TrainBatch], LossOutput] | None = None  # (values (B, T), batch) -> loss
     lr_scale: Callable[[torch.Tensor, torch.Tensor], float] | None = None  # (advantages, mask) (B, T) -> step's lr factor
+    duration_weighting: bool = False  # each row's advantages × its action duration / batch mean (algos.duration)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ class TextPolicyStep:
             seq = rewards + (kl.sum(-1) if kl is not None else 0.0)  # a KL penalty folds into the sequence reward
             shape = (len(groups), -1)
             batch.advantages = self._outcome_advantages(seq.view(shape), usable.view(shape)).flatten()[:, None] * mask
+        if algo.duration_weighting:  # over usable rows only: a masked row's time says nothing about its action
+            weights = torch.ones(len(rows))  # (B,)
+            weights[usable] = duration_weights(torch.tensor([action_duration(r) for r in rows])[usable])
+            batch.advantages = batch.advantages * weights[:, None]
+            metrics["train/duration_weight_max"] = weights.max().item()
 
         trained_at = engine.version
         lag = trained_at - batch.versions[mask.bool()]  # (tokens,)

@@ -14,6 +14,7 @@ from rollflow.api.engines import (
     TrainEngine,
     TrainStep,
 )
+from rollflow.api.env import Env, StepResult, SyncEnv
 from rollflow.api.sample import (
     Column,
     Generation,
@@ -24,23 +25,21 @@ from rollflow.api.sample import (
     SamplingParams,
     Status,
 )
-from rollflow.api.task import RewardFn, Task
+from rollflow.api.task import AgentTask, RewardFn, Task
 from rollflow.api.trajectory import Fragment, Trajectory, TrajectoryBuilder, TrajectoryCell, Turn
 from rollflow.api.weights import VersionedWeights, WeightChecksumError, WeightTransport, checksum
 from rollflow.api.workflow import (
     EngineClient,
-    EnvStep,
     EpisodeContext,
     InfraError,
     Reject,
     RolloutWorkflow,
-    TextEnv,
 )
 
 __all__ = [
-    "Column", "CriticEngine", "EngineClient", "EnvStep", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
+    "AgentTask", "Column", "CriticEngine", "EngineClient", "Env", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
     "InfraError", "LossFn", "LossOutput", "PolicyEngine", "PolicyTrainEngine", "Problem", "Reject", "RewardCell", "RewardFn",
-    "RewardResult", "RolloutWorkflow", "SampleRow", "SamplingParams", "ScoringEngine", "Status", "StepBatch", "StepLossFn", "Task", "TextEnv",
+    "RewardResult", "RolloutWorkflow", "SampleRow", "SamplingParams", "ScoringEngine", "Status", "StepBatch", "StepLossFn", "StepResult", "SyncEnv", "Task",
     "TrainBatch", "TrainEngine", "TrainStep", "Trajectory", "TrajectoryBuilder", "TrajectoryCell", "Turn", "VersionedWeights",
     "WeightChecksumError", "WeightTransport", "checksum",
 ]

@@ -158,6 +158,41 @@ class InferenceEngine(Protocol):
         ...
 
 
+class DecodeSession(Protocol):
+    """Continuous batching on one inference engine: rows join and leave the running batch between forward passes.
+
+    A row is one request (its prompt and its own ``SamplingParams``). ``step`` is one decoding step of the whole
+    batch: the rows added since the last step are prefilled and join it, then every row gets one token; rows that
+    end (EOS or their ``max_new_tokens``) leave and are returned. A session decodes with the weights the engine held
+    when its first row was prefilled and must not see a weight load while rows are in flight (``step`` then raises):
+    the caller drains it first (steps until ``len`` is 0), so a ``Generation``'s tokens carry one version."""
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a row to join at the next ``step``; returns its slot, the key of its ``Generation``."""
+        ...
+
+    def drop(self, slot: int) -> None:
+        """Remove a row (its asker gave up); an unknown or finished slot is ignored."""
+        ...
+
+    def step(self) -> list[tuple[int, Generation]]:
+        """One decoding step; the (slot, generation) of each row that ended in it."""
+        ...
+
+    def __len__(self) -> int:
+        """Rows in flight: added and not yet ended or dropped."""
+        ...
+
+
+class SessionEngine(InferenceEngine, Protocol):
+    """An ``InferenceEngine`` that can also decode continuously; a runtime then batches requests at each decoding
+    step instead of whole ``generate`` calls."""
+
+    def open_session(self) -> DecodeSession:
+        """A new, empty session on the current weights."""
+        ...
+
+
 class ScoringEngine(Protocol):
     """Scores given tokens with fixed weights (a frozen reference policy); never trains."""
 

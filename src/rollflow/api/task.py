@@ -1,10 +1,11 @@
-"""Task and reward-function contracts."""
+"""Task and reward-function contracts: a verifiable task, and an agent task (one with an environment)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
+from rollflow.api.env import Env, SyncEnv
 from rollflow.api.sample import Problem, RewardResult
 
 # A user reward function: (problem, response text) -> reward or a full verdict.
@@ -33,3 +34,18 @@ class Task(Protocol):
         ...
 
     def verify(self, problem: Problem, response: str) -> RewardResult: ...
+
+
+@runtime_checkable
+class AgentTask(Task, Protocol):
+    """A task whose episodes are multi-turn: the agent loop plays each problem against an environment, and the SFT
+    warm start imitates whole demonstrated episodes."""
+
+    def make_env(self) -> Env | SyncEnv:
+        """A fresh environment for one episode; the loop resets it with the problem."""
+        ...
+
+    def demonstration(self, problem: Problem) -> list[tuple[str, str]]:
+        """A demonstrated episode as (source, text) turns: ``"prompt"`` first, then ``"model"`` turns (trained, each
+        ending with EOS) and ``"env"`` observations (context only)."""
+        ...

@@ -57,7 +57,8 @@ class EngineClient(Protocol):
 class EpisodeContext(Protocol):
     """What the runtime gives one episode."""
 
-    engine: EngineClient
+    engine: EngineClient  # a request without sampling parameters is sampled with ``params``
+    params: SamplingParams  # this episode's: the run's, or greedy decoding when it is an evaluation
     trajectory: TrajectoryBuilder  # write text turns here: an episode cut off by its timeout keeps what it has
 
     async def env(self, fn: Callable[..., T | Awaitable[T]], *args: Any, **kwargs: Any) -> T:
@@ -71,25 +72,3 @@ class RolloutWorkflow(Protocol):
     (a ``Problem`` for text tasks, whatever the recipe admits otherwise)."""
 
     async def run(self, task: Any, ctx: EpisodeContext) -> Trajectory | Fragment | Reject: ...
-
-
-@dataclass(frozen=True)
-class EnvStep:
-    """What a text environment answers to one model turn."""
-
-    observation: str  # shown to the model next (ignored when ``done``)
-    reward: float = 0.0
-    done: bool = False
-    info: dict[str, Any] | None = None
-
-
-class TextEnv(Protocol):
-    """A multi-turn text environment (a tool, a code runner, a game): the model's turns in, observations out."""
-
-    def reset(self, task: Any) -> str:
-        """Start an episode for ``task``; returns the first observation (the prompt)."""
-        ...
-
-    def step(self, action: str) -> EnvStep | Awaitable[EnvStep]:
-        """Apply the model's turn; may take variable time (running code)."""
-        ...

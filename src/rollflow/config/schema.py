@@ -104,7 +104,52 @@ class FileTaskConfig(Section):
     """'package.module:function' or 'path/file.py:function'; unset: exact match with the answer."""
 
 
-TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig, Field(discriminator="name")]
+class GuessTaskConfig(Section):
+    name: Literal["guess"] = "guess"
+    """Multi-turn agent task: look two hidden digits up with the get('x') tool, answer their sum."""
+    letters: int = Field(12, ge=2, le=26)
+    """Letters a, b, … hiding a digit each (a new table per problem)."""
+    lazy_letters: int = Field(4, ge=0)
+    """The last this-many letters are the ones the SFT demonstrator may skip looking up."""
+    demo_skip: float = Field(0.6, ge=0.0, le=1.0)
+    """Chance the demonstrator skips looking up a lazy second letter and guesses (the gap RL has to close)."""
+    eval_size: int = Field(40, ge=1)
+    """Held-out problems; their letter pairs never appear in training."""
+
+
+class ProgramTaskConfig(Section):
+    name: Literal["program"] = "program"
+    """Agent task: write a Python program printing the answer; run in the code sandbox, partial credit by stages."""
+    min_len: int = Field(2, ge=1)
+    """Shortest list a problem gives."""
+    max_len: int = Field(4, ge=1)
+    """Longest list a problem gives."""
+    buggy_ops: list[Literal["sum", "max", "min", "len", "sort", "rev"]] = ["max", "sort", "rev"]
+    """Operations the SFT demonstrator writes a bug for (with probability demo_bug): the gap RL has to close."""
+    demo_bug: float = Field(0.6, ge=0.0, le=1.0)
+    """Chance the demonstrator writes its bug on a buggy operation."""
+    fail_penalty: float = -10.0
+    """Reward of a program that failed, before stage credit (the paper's -10)."""
+    stage_credit: float = Field(0.1, ge=0.0)
+    """Reward per stage a failed program reached (data, printed)."""
+    timeout_s: float = Field(5.0, gt=0.0)
+    """Wall-clock seconds a program may run in the sandbox (status timeout past it)."""
+    memory_mb: int = Field(256, ge=16)
+    """Address space a program may use, MiB."""
+    isolation: Literal["auto", "bwrap", "namespaces", "rlimits"] = "auto"
+    """Sandbox isolation tier: auto takes the strongest that works here (`rollflow sandbox run` reports it)."""
+    eval_size: int = Field(200, ge=1)
+    """Held-out problems, disjoint from training."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProgramTaskConfig:
+        if self.min_len > self.max_len:
+            raise ValueError(f"task.min_len={self.min_len} is more than task.max_len={self.max_len}")
+        return self
+
+
+TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig | GuessTaskConfig | ProgramTaskConfig,
+                       Field(discriminator="name")]
 
 
 class SFTConfig(Section):
@@ -139,6 +184,13 @@ class RolloutConfig(Section):
     """Seconds one request may wait for the inference engine; past it the sample is an infra_error (retried)."""
     env_timeout: float | None = Field(None, gt=0.0)
     """Seconds one environment call may take (multi-turn workflows); past it the episode ends with status 'timeout'."""
+    workflow: Literal["auto", "single_turn", "agent"] = "auto"
+    """How a problem becomes a trajectory: 'single_turn' (one response, scored by the task's verifier), 'agent' (model
+    turns alternating with the task's environment, rollflow.workflows.AgentLoop), 'auto' (agent if the task has one)."""
+    max_turns: int = Field(4, ge=1)
+    """Agent workflow: most model turns per episode (max_new_tokens bounds each turn)."""
+    turn_discount: float = Field(1.0, ge=0.0, le=1.0)
+    """Agent workflow: an episode's reward is the sum of its turns' rewards discounted by this per turn."""
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +275,15 @@ class AlgoConfig(Section):
     overlong_buffer: int = Field(0, ge=0)
     """DAPO soft overlong penalty: responses within this many tokens of rollout.max_new_tokens lose reward linearly,
     down to -1 at the limit (0: off)."""
+    duration_weighting: bool = False
+    """Multiply each sample's advantages by its action's duration over the batch mean (the seconds its environment
+    and reward stage spent executing the agent's actions; see algos.duration). For asynchronous runs whose actions'
+    durations differ and where fast actions reach the trainer more often than the policy picks them, at a rate
+    ∝ π/d (the policy shares the workers' time among actions and the trainer takes what finishes first): that
+    favours fast, possibly worse actions, and the weights restore ∝ π. Leave it off where every action the policy
+    starts is trained (synchronous runs, and rollflow's store, which waits for slow groups rather than drop them):
+    actions already arrive ∝ π whatever their durations, so the weights would favour slow actions (∝ π·d), or only
+    add variance where durations do not depend on the action."""
 
     @model_validator(mode="after")
     def _registered(self) -> AlgoConfig:

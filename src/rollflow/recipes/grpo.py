@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,15 @@ from rollflow.algos.policy_step import Algorithm, TextPolicyStep
 from rollflow.api import (
     Column,
     Problem,
+    Reject,
     RewardFn,
     RewardResult,
+    RolloutWorkflow,
     SampleRow,
     SamplingParams,
     Status,
     Task,
+    TrainBatch,
     TrajectoryCell,
 )
 from rollflow.config import Config, ConfigError, dump_config, load_config
@@ -82,7 +86,7 @@ from rollflow.runtime.tracking import Resume, Tracker, read_metrics
 from rollflow.tasks import build_task
 from rollflow.tasks.latency import with_reward_latency
 from rollflow.tasks.reward_fn import call_reward_fn, check_reward
-from rollflow.workflows import SingleTurn, Tokens
+from rollflow.workflows import AgentLoop, SingleTurn, Tokens
 
 # The store's columns: the problem (admission) → its trajectory → its reward and, with a KL term, the reference
 # policy's log-probs (side by side).
@@ -105,13 +109,47 @@ def with_reward_fn(task: Task, fn: RewardFn) -> Task:
     return scored
 
 
-def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: int) -> float:
+def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: int, agent: bool = False,
+             threads: int = 1) -> float:
     """Greedy accuracy on the held-out set (newest published weights): the share of problems whose response earns
-    the full reward (≥ 1)."""
+    the full reward (≥ 1). With ``agent`` each problem is a whole greedy episode of the rollout workflow, rewarded
+    by its environment (or, if it gives none, by the verifier on its last turn). ``threads`` verifiers run at once."""
     problems = task.eval_problems()
     params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens)
-    answers = rollout.generate([(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)], params)
-    return sum(task.verify(problems[i], g.response_text).reward >= 1.0 for i, g in answers) / len(problems)
+    items = [(i, p) for i, p in enumerate(problems)] if agent else [(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)]
+    if agent:
+        answers = [(i, cell) for i, cell in rollout.episodes(items, params) if not isinstance(cell, Reject)]
+    else:
+        answers = [(i, g) for i, g in rollout.generate(items, params)]
+
+    def solved(answer: tuple[int, Any]) -> bool:
+        i, out = answer
+        given = out.reward if agent else None  # an agent environment's own reward
+        return (given or task.verify(problems[i], out.text if agent else out.response_text)).reward >= 1.0
+
+    # Verifiers may take a while (a program run in the sandbox): score the held-out answers concurrently.
+    with ThreadPoolExecutor(min(threads, len(answers) or 1), thread_name_prefix="eval") as pool:
+        return sum(pool.map(solved, answers)) / len(problems)
+
+
+def is_agent(config: Config, task: Task) -> bool:
+    """Whether the run's rollouts are agent episodes (``AgentLoop``) rather than one response per prompt."""
+    kind = config.rollout.workflow
+    if kind == "auto":
+        return callable(getattr(task, "make_env", None))
+    if kind == "agent" and not callable(getattr(task, "make_env", None)):
+        raise ConfigError(f"rollout.workflow=agent needs a task with an environment (make_env); task "
+                          f"'{task.name}' has none: use rollout.workflow=single_turn or an agent task (guess, program)")
+    return kind == "agent"
+
+
+def make_workflow(config: Config, task: Task, tokens: Tokens) -> RolloutWorkflow:
+    """The rollout workflow ``config.rollout.workflow`` names (``auto``: an agent loop if the task has an environment)."""
+    if not is_agent(config, task):
+        return SingleTurn(tokens)
+    r = config.rollout
+    return AgentLoop(task.make_env, tokens, r.max_turns, r.turn_discount,  # type: ignore[attr-defined]
+                     max_context=None if config.model.path else config.model.max_positions - r.max_new_tokens)
 
 
 def build_model(config: Config, alphabet: str) -> tuple[Any, Any]:
@@ -157,13 +195,13 @@ def first_staleness(runtime: RuntimeConfig) -> int:
 
 # Worker factories: run where the worker lives (an actor's process on Ray), so each engine is built there, from the
 # config (a spec, not weights): a worker rebuilt after a crash then loads the current weights from the transport.
-def _rollout_worker(config: Config, alphabet: str, index: int, transport: Any, payloads: Payloads, threads: int) -> RolloutWorker:
+def _rollout_worker(config: Config, task: Task, index: int, transport: Any, payloads: Payloads, threads: int) -> RolloutWorker:
     r, rt = config.rollout, config.runtime
-    model, tokenizer = build_model(config, alphabet)
+    model, tokenizer = build_model(config, task.alphabet())
     engine = HFInferenceEngine(model, tokenizer, rt.max_generate_batch, config.seed + index)
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     limits = Limits(episode=r.episode_timeout, engine=r.engine_timeout, env=r.env_timeout)
-    return RolloutWorker(engine, transport, SingleTurn(Tokens(tokenizer), params), params, payloads, limits,
+    return RolloutWorker(engine, transport, make_workflow(config, task, Tokens(tokenizer)), params, payloads, limits,
                          threads=threads, max_batch=rt.generate_batch, gather=rt.rollout.gather_s)
 
 
@@ -206,6 +244,7 @@ def build_algorithm(config: Config) -> Algorithm:
         if a.kl_coef > 0 and a.kl_in == "reward" else None,
         value_loss=value_loss_fn(clip=a.critic.value_clip) if needs_critic else None,
         lr_scale=signal_share if a.lr_by_signal else None,
+        duration_weighting=a.duration_weighting,
     )
 
 
@@ -291,7 +330,7 @@ def spawn_workers(backend: Backend, config: Config, task: Task) -> Workers:
         pool = "actor"
         backend.make_pool(pool, max(rt.rollout.num_cpus, rt.trainer.num_cpus), rt.rollout.workers + 1)
     rollout = WorkerGroup.spawn(backend, "rollout", RolloutWorker, [
-        functools.partial(_rollout_worker, config, alphabet, i, transport, payloads, rollout_threads)
+        functools.partial(_rollout_worker, config, task, i, transport, payloads, rollout_threads)
         for i in range(rt.rollout.workers)
     ], Resources(rt.rollout.num_cpus, 1, concurrency=rt.rollout.concurrency + 2, pool=pool, restartable=True))  # + eval, weights
     reward = WorkerGroup.spawn(backend, "reward", RewardWorker, [
@@ -393,8 +432,12 @@ def run_sft(trainer: WorkerGroup, task: Task, tokens: Tokens, config: Config, tr
     for _ in range(first * config.sft.batch_size):  # the problems the steps before ``first`` trained on
         next(stream)
 
+    demonstration = getattr(task, "demonstration", None)  # an agent task's whole episodes
+
     def batch() -> Any:
         problems: list[Problem] = [next(stream) for _ in range(config.sft.batch_size)]
+        if callable(demonstration):
+            return TrainBatch.from_trajectories([tokens.episode(demonstration(p)) for p in problems], pad_id)
         return collate([tokens.prompt(p.prompt) for p in problems], [tokens.target(task.reference(p)) for p in problems], pad_id)
 
     steps, every, upcoming = config.sft.steps, config.checkpoint.sft_every, batch()
@@ -544,6 +587,7 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     if reward_fn is not None:
         task = with_reward_fn(task, reward_fn)
     check_reward(task, config.seed)
+    is_agent(config, task)  # a workflow the task cannot run is refused here
     tokenizer = build_tokenizer(config, task.alphabet())
     checkpoint = prepare_run_dir(config, resume, overwrite)
     restarts = 0
@@ -596,7 +640,8 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
 
         def publish_and_eval() -> float:
             trainer.publish()
-            return evaluate(rollout, task, tokens, config.eval.max_new_tokens)
+            return evaluate(rollout, task, tokens, config.eval.max_new_tokens, is_agent(config, task),
+                                        config.runtime.reward.concurrency)
 
         resume_at = Resume(meta["step"], meta["metrics_bytes"], meta["rollouts_bytes"], saved["progress"].evals,
                            meta["completed"]) if meta is not None else None
@@ -649,7 +694,8 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                         tracker.note(f"fault: {line}")
                     controller.fault_log.clear()
                     if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
-                        progress.acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens)
+                        progress.acc = evaluate(rollout, task, tokens, config.eval.max_new_tokens, is_agent(config, task),
+                                        config.runtime.reward.concurrency)
                         record["eval/accuracy"] = progress.acc
                         progress.best.offer(step, progress.acc, rollout)
                     tracker.log_step(step, record)

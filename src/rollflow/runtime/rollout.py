@@ -13,6 +13,7 @@ Timeouts (``Limits``) are applied per episode and per engine / environment call,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import threading
 import time
@@ -35,6 +36,7 @@ from rollflow.api import (
     WeightTransport,
 )
 from rollflow.runtime.backend import LocalPayloads, Payloads
+from rollflow.runtime.decode import ContinuousBatcher, Requests, offers_sessions
 from rollflow.runtime.group import Mode, dispatch
 from rollflow.runtime.stage import Produced, Span, StageOutput
 
@@ -60,7 +62,10 @@ class Batcher:
 
     Requests that belong together (a step's groups, sent as separate calls) arrive a little apart when they come from
     another process, and the engine's cost per batch is mostly per decoding step, not per sequence: so a batch starts
-    only once no new request arrived for ``gather`` seconds (at most ``max_wait`` after its first), or it is full."""
+    only once no new request arrived for ``gather`` seconds (at most ``max_wait`` after its first), or it is full.
+
+    Action requests, and text requests to an engine without decode sessions, are batched here; text requests to an
+    engine with them are batched at every decoding step instead (``decode.ContinuousBatcher``)."""
 
     def __init__(self, run: Callable[[list[Any]], list[Any]], executor: ThreadPoolExecutor, max_batch: int,
                  gather: float = 0.0, max_wait: float = 0.05) -> None:
@@ -104,17 +109,18 @@ class Batcher:
 
 
 class _Client:
-    """``api.EngineClient`` over a rollout worker's batchers, with the engine timeout."""
+    """``api.EngineClient`` over a rollout worker's batchers, with the engine timeout; a request without sampling
+    parameters uses ``params`` (the episode's)."""
 
-    def __init__(self, worker: RolloutWorker) -> None:
-        self.worker = worker
+    def __init__(self, worker: RolloutWorker, params: SamplingParams) -> None:
+        self.worker, self.params = worker, params
 
     @property
     def version(self) -> int:
         return self.worker.engine.version
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Generation:
-        return await self._answer(self.worker.batcher(params or self.worker.params).submit(prompt_ids))
+        return await self._answer(self.worker.batcher(params or self.params).submit(prompt_ids))
 
     async def act(self, observation: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         return await self._answer(self.worker.batcher(None).submit(observation))
@@ -129,8 +135,9 @@ class _Client:
 class _Context:
     """``api.EpisodeContext`` of one episode."""
 
-    def __init__(self, worker: RolloutWorker) -> None:
-        self.engine = worker.client
+    def __init__(self, worker: RolloutWorker, params: SamplingParams | None = None) -> None:
+        self.params = params or worker.params
+        self.engine = worker.client if params is None else _Client(worker, params)
         self.trajectory = TrajectoryBuilder()
         self.limits = worker.limits
 
@@ -172,7 +179,7 @@ class RolloutWorker:
         self.params = params or SamplingParams()
         self.payloads = payloads or LocalPayloads()
         self.limits, self.max_batch, self.gather = limits, max_batch, gather
-        self.client = _Client(self)
+        self.client = _Client(self, self.params)
         # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
         self._batchers: dict[SamplingParams | None, Batcher] = {}
@@ -197,8 +204,8 @@ class RolloutWorker:
             spans, self._spans = self._spans, []
         return StageOutput(values, spans)
 
-    async def _episode(self, task: Any) -> tuple[Any, float, float]:
-        ctx, started = _Context(self), time.time()
+    async def _episode(self, task: Any, params: SamplingParams | None = None) -> tuple[Any, float, float]:
+        ctx, started = _Context(self, params), time.time()
         try:
             out = await asyncio.wait_for(self.workflow.run(task, ctx), self.limits.episode)
         except (TimeoutError, EpisodeTimeout) as e:
@@ -207,15 +214,31 @@ class RolloutWorker:
             out = ctx.trajectory.build(status=Status.INFRA_ERROR, error=str(e))
         return out, started, time.time()
 
-    def batcher(self, params: SamplingParams | None) -> Batcher:
-        """The batcher of text requests with ``params``, or (None) of action requests."""
+    def batcher(self, params: SamplingParams | None) -> Batcher | Requests:
+        """The batcher of text requests with ``params``, or (None) of action requests: ``submit(item)``. Text requests
+        to an engine that decodes continuously go to the worker's ``ContinuousBatcher`` (batched at every decoding
+        step); any other engine gets whole batches from a ``Batcher``."""
+        if params is not None and offers_sessions(self.engine):
+            return self.decoder().bind(params)
         if params not in self._batchers:
             run = self._act if params is None else lambda prompts: self._generate(prompts, params)
             self._batchers[params] = Batcher(run, self.executor, self.max_batch, self.gather)
         return self._batchers[params]
 
+    def decoder(self) -> ContinuousBatcher:
+        """The continuous batcher of this worker's text requests (made at first use, from either thread)."""
+        with self._lock:
+            if getattr(self, "_decoder", None) is None:
+                def newer() -> bool:
+                    return self.transport.latest(newer_than=self.engine.version) is not None
+
+                self._decoder = ContinuousBatcher(self.engine, self.executor, self.max_batch, newer, self._pick_up, self._record)
+            return self._decoder
+
     # -- the engine thread ----------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]], params: SamplingParams, record: bool = True) -> list[Generation]:
+        if offers_sessions(self.engine):
+            self.decoder().drain()  # rows decoding on the old weights end first: the pick-up must not land under them
         self._pick_up()
         started = time.time()
         out = self.engine.generate(prompts, params)
@@ -252,6 +275,15 @@ class RolloutWorker:
         thread, so it never runs beside an episode's batch."""
         gens = self.executor.submit(self._generate, [ids for _, ids in items], params or self.params, False).result()
         return [(uid, g) for (uid, _), g in zip(items, gens)]
+
+    @dispatch(Mode.SPLIT)
+    async def episodes(self, items: list[tuple[int, Any]], params: SamplingParams) -> list[tuple[int, Any]]:
+        """``items``: (uid, task instance). Whole episodes of the workflow sampled with ``params`` (an evaluation's
+        greedy decoding of a multi-turn agent), all at once; each value is a ``TrajectoryCell`` without its payload
+        (the light facts: text, reward, status, info), or a ``Reject``."""
+        outcomes = await asyncio.gather(*(self._episode(task, params) for _, task in items))
+        return [(uid, t if isinstance(t, Reject) else dataclasses.replace(TrajectoryCell.of(t), payload=None))
+                for (uid, _), (t, _, _) in zip(items, outcomes)]
 
     @dispatch(Mode.FIRST)
     def save(self, save: Callable[[Any], None]) -> int:

@@ -7,10 +7,13 @@ from typing import Any
 from rollflow.api import Task
 from rollflow.tasks.addition import AdditionTask
 from rollflow.tasks.file_task import FileTask, TaskDataError
+from rollflow.tasks.guess import GuessTask
+from rollflow.tasks.program import ProgramTask
 from rollflow.tasks.reward_fn import RewardFnError, RewardSpec, check_reward, load_reward_fn
 from rollflow.tasks.sorting import SortingTask
 
-BUILTIN: dict[str, type] = {"addition": AdditionTask, "sorting": SortingTask, "file": FileTask}
+BUILTIN: dict[str, type] = {"addition": AdditionTask, "sorting": SortingTask, "file": FileTask, "guess": GuessTask,
+                           "program": ProgramTask}
 
 
 def build_task(config: Any, seed: int = 0) -> Task:
@@ -23,6 +26,6 @@ def build_task(config: Any, seed: int = 0) -> Task:
 
 
 __all__ = [
-    "AdditionTask", "BUILTIN", "FileTask", "RewardFnError", "RewardSpec", "SortingTask", "TaskDataError", "build_task",
+    "AdditionTask", "BUILTIN", "FileTask", "GuessTask", "ProgramTask", "RewardFnError", "RewardSpec", "SortingTask", "TaskDataError", "build_task",
     "check_reward", "load_reward_fn",
 ]

@@ -1,13 +1,13 @@
-"""Text workflows: one model turn per problem (``SingleTurn``, what GRPO on a verifiable task runs), or turns
-alternating with a text environment (``MultiTurn``: tools, code runners, games)."""
+"""The single-turn text workflow (``SingleTurn``: a prompt, one response, what GRPO on a verifiable task runs) and
+``Tokens``, the text ↔ ids conversion every text workflow shares. Multi-turn agents are ``workflows.agent``."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
-from rollflow.api import EnvStep, EpisodeContext, Problem, RewardResult, SamplingParams, TextEnv, Trajectory
+from rollflow.api import EpisodeContext, Generation, Problem, Trajectory, TrajectoryBuilder
+from rollflow.api.trajectory import ENV, MODEL, PROMPT
 
 
 class Tokens:
@@ -19,7 +19,14 @@ class Tokens:
         self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        try:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        except Exception as e:  # a vocabulary without an unknown token (the built-in character tokenizer) refuses
+            vocab = self.tokenizer.get_vocab()
+            missing = "".join(sorted({c for c in text if c not in vocab}))
+            raise ValueError(f"cannot tokenise {text[:80]!r}: characters {missing!r} are not in the tokenizer's "
+                             f"vocabulary (the built-in model's tokenizer is made from the task's alphabet(): "
+                             f"add them there, or keep the environment's text to it)") from e
 
     def prompt(self, text: str) -> list[int]:
         return self.bos + self.encode(text)
@@ -27,13 +34,29 @@ class Tokens:
     def target(self, text: str) -> list[int]:
         return self.encode(text) + [self.tokenizer.eos_token_id]
 
+    def episode(self, turns: list[tuple[str, str]]) -> Trajectory:
+        """A demonstrated episode, (source, text) turns, tokenised the way ``AgentLoop`` produces one: the prompt with
+        BOS, each model turn ending with EOS (in the loss), each observation plain (context only)."""
+        builder = TrajectoryBuilder()
+        for source, text in turns:
+            if source == PROMPT:
+                builder.prompt(self.prompt(text))
+            elif source == ENV:
+                builder.env(self.encode(text))
+            elif source == MODEL:
+                ids = self.target(text)
+                builder.model(Generation(ids, text, [0.0] * len(ids), [-1] * len(ids), "eos"))
+            else:
+                raise ValueError(f"a demonstration turn's source must be {PROMPT!r}, {MODEL!r} or {ENV!r}, got {source!r}")
+        return builder.build()
+
 
 class SingleTurn:
     """The prompt, one sampled response; a reward stage scores its text. A group's episodes share their prompt, so
     its ids are computed once (the last ``cache`` prompts are kept)."""
 
-    def __init__(self, tokens: Tokens, params: SamplingParams, cache: int = 4096) -> None:
-        self.tokens, self.params, self.cache = tokens, params, cache
+    def __init__(self, tokens: Tokens, cache: int = 4096) -> None:
+        self.tokens, self.cache = tokens, cache
         self._ids: dict[str, list[int]] = {}
 
     def prompt_ids(self, text: str) -> list[int]:
@@ -46,39 +69,6 @@ class SingleTurn:
     async def run(self, task: Problem, ctx: EpisodeContext) -> Trajectory:
         ctx.trajectory.prompt(self.prompt_ids(task.prompt))
         started = time.time()
-        generation = await ctx.engine.generate(ctx.trajectory.tokens, self.params)
+        generation = await ctx.engine.generate(ctx.trajectory.tokens)
         ctx.trajectory.model(generation, started)
         return ctx.trajectory.build()
-
-
-class MultiTurn:
-    """Model turns alternating with a ``TextEnv``'s observations, until the environment says done or ``max_turns``.
-
-    The environment's first observation is the prompt. Each model turn is sampled on every token so far, exactly as
-    produced (nothing is re-tokenised); each observation is tokenised once and appended, outside the loss mask. The
-    episode's reward is the sum of the environment's step rewards, unless ``score_text`` is set, in which case a
-    reward stage scores the last model turn's text (the environment then only shapes the conversation)."""
-
-    def __init__(self, make_env: Callable[[], TextEnv], tokens: Tokens, params: SamplingParams, max_turns: int = 4,
-                 score_text: bool = False) -> None:
-        self.make_env, self.tokens, self.params = make_env, tokens, params
-        self.max_turns, self.score_text = max_turns, score_text
-
-    async def run(self, task: Any, ctx: EpisodeContext) -> Trajectory:
-        env = self.make_env()
-        started = time.time()
-        ctx.trajectory.prompt(self.tokens.prompt(await ctx.env(env.reset, task)), started)
-        total, turns = 0.0, 0
-        step = EnvStep("", done=False)
-        while turns < self.max_turns and not step.done:
-            started = time.time()
-            generation = await ctx.engine.generate(ctx.trajectory.tokens, self.params)
-            ctx.trajectory.model(generation, started)
-            turns += 1
-            started = time.time()
-            step = await ctx.env(env.step, generation.response_text)
-            total += step.reward
-            if not step.done and turns < self.max_turns:
-                ctx.trajectory.env(self.tokens.encode(step.observation), started)
-        reward = None if self.score_text else RewardResult(total)
-        return ctx.trajectory.build(reward=reward, turns=turns, done=step.done)
