@@ -2,12 +2,14 @@
 
 from rollflow.api.engines import (
     CriticEngine,
+    DecodeSession,
     InferenceEngine,
     LossFn,
     LossOutput,
     PolicyEngine,
     PolicyTrainEngine,
     ScoringEngine,
+    SessionEngine,
     StepBatch,
     StepLossFn,
     TrainBatch,
@@ -37,9 +39,9 @@ from rollflow.api.workflow import (
 )
 
 __all__ = [
-    "AgentTask", "Column", "CriticEngine", "EngineClient", "Env", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
+    "AgentTask", "Column", "CriticEngine", "DecodeSession", "EngineClient", "Env", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
     "InfraError", "LossFn", "LossOutput", "PolicyEngine", "PolicyTrainEngine", "Problem", "Reject", "RewardCell", "RewardFn",
-    "RewardResult", "RolloutWorkflow", "SampleRow", "SamplingParams", "ScoringEngine", "Status", "StepBatch", "StepLossFn", "StepResult", "SyncEnv", "Task",
+    "RewardResult", "RolloutWorkflow", "SampleRow", "SamplingParams", "ScoringEngine", "SessionEngine", "Status", "StepBatch", "StepLossFn", "StepResult", "SyncEnv", "Task",
     "TrainBatch", "TrainEngine", "TrainStep", "Trajectory", "TrajectoryBuilder", "TrajectoryCell", "Turn", "VersionedWeights",
     "WeightChecksumError", "WeightTransport", "checksum",
 ]

@@ -55,6 +55,10 @@ class WeightTransport(Protocol):
         """The newest published version if it is newer than ``newer_than``, else None (nothing is fetched)."""
         ...
 
+    def newest_version(self) -> int:
+        """The newest published version (-1 before the first), without fetching any weights: a cheap poll."""
+        ...
+
     def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
         """Keep ``weights`` (default: the newest published) under ``name`` for workers that need one version for
         good, e.g. a reference policy, also when rebuilt after a crash."""

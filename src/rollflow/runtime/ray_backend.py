@@ -253,6 +253,9 @@ class RayWeightTransport:
         version, box = ray.get(self.board.newest.remote())
         return ray.get(box[0]) if version > newer_than else None
 
+    def newest_version(self) -> int:
+        return ray.get(self.board.newest.remote())[0]
+
     def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
         ray.get(self.board.pin.remote(name, None if weights is None else [ray.put(weights)]))
 

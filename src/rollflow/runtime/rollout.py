@@ -1,10 +1,16 @@
 """The rollout worker: runs rollout workflows, many episodes at once, on one inference engine.
 
 Each call (``rollout``) is one or more whole groups; their episodes run concurrently on the worker's event loop, as
-do the episodes of every other call in flight. Episodes ask the engine for tokens (or actions) through a
-``Batcher``: requests that are waiting together go to the engine as one batch, which runs on the worker's single
-engine thread (so environment steps go on meanwhile) and is preceded by the safe point where newly published weights
-are picked up: one engine batch never mixes two versions, and every token records the version that chose it.
+do the episodes of every other call in flight. Episodes ask the engine for tokens (or actions) independently, and
+the worker batches whatever is waiting, on its single engine thread (so environment steps go on meanwhile):
+
+- text requests to an engine with decode sessions (``HFInferenceEngine``) join the running batch at the next
+  decoding step and leave it when they end (``decode.ContinuousBatcher``: continuous batching, as vLLM does);
+- action requests, and text requests to other engines, go as whole batches (``Batcher``).
+
+Newly published weights are picked up only at a safe point: between two whole batches, or when the decode session
+has drained (new rows wait meanwhile). One forward pass never mixes two versions, and every token records the
+version that chose it.
 
 Timeouts (``Limits``) are applied per episode and per engine / environment call, and classified as
 ``api.workflow`` says: the agent's side is ``Status.TIMEOUT``, the infrastructure's ``Status.INFRA_ERROR``.
@@ -183,6 +189,7 @@ class RolloutWorker:
         # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
         self._batchers: dict[SamplingParams | None, Batcher] = {}
+        self._decoder: ContinuousBatcher | None = None  # text requests, when the engine decodes continuously
         self._spans: list[Span] = []  # engine batches and weight loads since the last call returned
         self._lock = threading.Lock()
 
@@ -228,9 +235,9 @@ class RolloutWorker:
     def decoder(self) -> ContinuousBatcher:
         """The continuous batcher of this worker's text requests (made at first use, from either thread)."""
         with self._lock:
-            if getattr(self, "_decoder", None) is None:
-                def newer() -> bool:
-                    return self.transport.latest(newer_than=self.engine.version) is not None
+            if self._decoder is None:
+                def newer() -> bool:  # polled while requests wait: reads the board's version, not the weights
+                    return self.transport.newest_version() > self.engine.version
 
                 self._decoder = ContinuousBatcher(self.engine, self.executor, self.max_batch, newer, self._pick_up, self._record)
             return self._decoder

@@ -25,6 +25,10 @@ class InlineWeightTransport:
         with self._lock:
             return self._latest if self._latest is not None and self._latest.version > newer_than else None
 
+    def newest_version(self) -> int:
+        with self._lock:
+            return -1 if self._latest is None else self._latest.version
+
     def pin(self, name: str, weights: VersionedWeights | None = None) -> None:
         with self._lock:
             chosen = weights if weights is not None else self._latest
