@@ -8,7 +8,9 @@ settles η after measuring its first steps), in two scenarios:
 
   (a) the built-in task as is;
   (b) the same task with rewards that take a log-normal time per sample (median 0.2 s, σ 0.75, at most 2 s),
-      as running generated code would.
+      as running generated code would;
+  (c) the same with actions that take seconds (median 1 s, at most 4 s), as an agent's training script does
+      (e.g. with ``task.name=program`` and its settings as overrides: on top of running each program in the sandbox).
 
 Threads follow the runtime's defaults: at η = 0 rollout and trainer take turns and each uses every core; at η > 0
 they run at once, each on its share of the cores. Reported per scenario and η:
@@ -37,6 +39,8 @@ CORES = os.cpu_count() or 2
 SCENARIOS = {
     "a": [],
     "b": ["reward_latency.median=0.2", "reward_latency.sigma=0.75", "reward_latency.max=2.0", "runtime.reward.groups_per_call=1"],
+    # actions that run for seconds, as an agent's training script does (with task.name=program: on top of the sandbox)
+    "c": ["reward_latency.median=1.0", "reward_latency.sigma=0.75", "reward_latency.max=4.0", "runtime.reward.groups_per_call=1"],
 }
 KEYS = ("samples_per_second", "trainer_busy_fraction", "pipeline_efficiency", "accuracy_final",
         "pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds", "staleness_chosen", "staleness_reason")
@@ -49,6 +53,7 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--steps", type=int, help="RL steps per run (default: 8 quick, 40 full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     steps = args.steps or (8 if args.quick else 40)
@@ -89,7 +94,8 @@ def main() -> None:
     Console().print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"async_vs_sync{'_quick' if args.quick else ''}_{datetime.date.today().isoformat()}.json"
+    name = (f"async_vs_sync{'_quick' if args.quick else ''}_{datetime.date.today().isoformat()}"
+            f"{'_' + args.tag if args.tag else ''}.json")
     (args.out / name).write_text(json.dumps({
         "steps": steps, "overrides": args.overrides, "cpus": CORES,
         "accuracy_after_sft": sft.summary["accuracy_after_sft"], "machine": platform.platform(),
