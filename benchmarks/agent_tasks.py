@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["program", "guess"], choices=["program", "guess"])
     parser.add_argument("--no-large", action="store_true", help="skip the SFT-only large model on program")
+    parser.add_argument("--only-large", action="store_true", help="run only the SFT-only large model on program")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="", help="suffix of the result file's name")
     parser.add_argument("overrides", nargs="*")
@@ -58,7 +59,8 @@ def main() -> None:
     runs = []
     for task in args.tasks:
         for seed in args.seeds:
-            runs.append(run(task, seed, args.overrides, "default+RL"))
+            if not args.only_large:
+                runs.append(run(task, seed, args.overrides, "default+RL"))
             if task == "program" and not args.no_large:  # same demonstrations, same SFT steps, no RL
                 runs.append(run(task, seed, [*args.overrides, *LARGE, "train.steps=0"], "4x+SFT only"))
 
