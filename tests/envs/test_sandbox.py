@@ -9,6 +9,8 @@ exactly that (a program there does reach the host, as documented).
 Hostile programs run from a file named after a fresh token, so every process they fork carries the token in its
 command line; daemons that exec carry it as an argument. ``alive(token)`` finds any that survived."""
 
+import builtins
+import dis
 import json
 import os
 import re
@@ -18,6 +20,7 @@ import string
 import subprocess
 import sys
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ from uuid import uuid4
 import pytest
 
 from rollflow.cli import main
+from rollflow.envs import sandbox as sandbox_module
 from rollflow.envs.sandbox import (
     STATUSES,
     TIERS,
@@ -490,6 +494,52 @@ def test_result_to_json():
                                                         "stdout": "out", "stderr": "err", "isolation": "rlimits",
                                                         "signal": 9}
     assert set(STATUSES) == {"ok", "error", "timeout", "memory", "killed", "output_limit"}
+
+
+# --- the launcher -----------------------------------------------------------------------------------------------
+
+
+def test_the_launcher_stands_alone_on_modules_that_load_fast():
+    """The launcher runs as its own part of the module, once per run: every global name its code reads must be
+    defined in that part, and it must not import what would cost each run milliseconds (enum, which signal, json, re
+    and socket pull in; typing; inspect)."""
+    source = sandbox_module._launcher_source()
+    defined = {"__name__": "launcher"}  # not "__main__": define, do not launch
+    exec(compile(source, sandbox_module.__file__, "exec"), defined)
+    read, todo = set(), [compile(source, sandbox_module.__file__, "exec")]
+    while todo:
+        code = todo.pop()
+        read |= {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+        todo += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+    assert read - set(defined) - set(dir(builtins)) == set()
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", "import sys; exec(sys.argv[1], {'__name__': 'launcher'}); "
+                           "print(*sys.modules)", source], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert {"enum", "json", "re", "typing", "inspect", "socket", "signal"}.isdisjoint(done.stdout.split())
+
+
+@pytest.mark.parametrize("tier", TIER)
+def test_the_launcher_goes_as_source_to_another_interpreter(tier, monkeypatch):
+    """This interpreter gets the launcher compiled once; another gets its source (marshalled code is an
+    interpreter's own), and runs the same."""
+    source = sandbox_module._launcher_source()
+    assert source not in sandbox_module._launcher_args(sys.executable)
+    assert sandbox_module._launcher_args("/opt/another/python3") == ("-c", source)
+    monkeypatch.setattr(sandbox_module, "_launcher_args", lambda python: ("-c", source))
+    box = sandbox(tier)
+    assert (box.run("x=[1,2];print(sum(x))").stdout, box.run("import sys\nsys.exit(3)").exit_code) == ("3\n", 3)
+    killed = box.run("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+    assert (killed.status, killed.signal) == ("killed", signal.SIGKILL)
+
+
+@pytest.mark.skipif(why_unavailable("namespaces") is not None, reason="the namespaces tier does not work here")
+def test_a_view_the_launcher_cannot_build_raises_saying_why(monkeypatch):
+    box = sandbox("namespaces")
+    visible = sandbox_module._visible_paths
+    monkeypatch.setattr(sandbox_module, "_visible_paths", lambda python: (*visible(python), "/nonexistent-rollflow/x"))
+    why = r"^the 'namespaces' sandbox could not be set up: \[Errno 2\] mount /nonexistent-rollflow/x on /\S+/root/"
+    with pytest.raises(SandboxError, match=why + r"nonexistent-rollflow/x: No such file"):
+        box.run("print('never')")
 
 
 # --- rollflow sandbox run ---------------------------------------------------------------------------------------

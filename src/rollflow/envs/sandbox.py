@@ -15,7 +15,8 @@ tries each once, strongest first, with a real run, and caches the answer:
 - ``bwrap`` (bubblewrap): new PID, network, IPC and UTS namespaces (and a user namespace unless the caller is root);
   a root made of read-only binds of the system and interpreter directories and a few files of /etc, a fresh /proc, a
   minimal /dev, a private /tmp; only the working directory is writable; no network but its own loopback.
-- ``namespaces`` (``unshare`` from util-linux, then this module's launcher): the same view, built by the launcher:
+- ``namespaces`` (``unshare`` from util-linux, then this module's launcher; as root, ``/bin/sh`` between them waits
+  for the parent to map the user namespace's ids): the same view, built by the launcher:
   user, PID, mount, network, IPC and UTS namespaces, read-only binds, a private /tmp, /dev and /dev/shm, a /proc whose
   writable knobs (/proc/sys, sysrq-trigger, irq, bus) are read-only, ``pivot_root`` so the host's tree is gone.
 - ``rlimits``: resource limits, a new session, and the kill of everything the program started. Nothing else: the
@@ -45,14 +46,15 @@ wall timeout. Killing descendants relies, in ``rlimits``, on the launcher stayin
 or on the processes keeping the run's marker in their environment: a program that kills its launcher, then
 re-executes a daemon with a new environment and a new session, escapes that tier.
 
-Linux only. The launcher is this very file, run as ``python -I -S -c <its source>``, so it must import nothing but
-the standard library.
+Linux only. The launcher is the last part of this very file, run as ``python -I -S`` once per run, so it must import
+nothing but the standard library, and of that only what loads fast: the launcher's start and the program's are most of
+what a run costs (``benchmarks/sandbox_cost.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import json
+import marshal
 import math
 import os
 import re
@@ -82,8 +84,6 @@ _PATIENCE_S = 5.0  # how long the parent waits for what takes milliseconds (unsh
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _ETC = ("passwd", "group", "nsswitch.conf", "hosts", "localtime", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
         "ssl/certs", "ca-certificates", "alternatives", "mime.types")  # not all of /etc: it holds the host's secrets
-_DEVICES = ("null", "zero", "full", "random", "urandom")
-_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # what bubblewrap also covers: writable by root's uid
 _MEMORY_ERROR = re.compile(r"^[\w.]*MemoryError\b", re.MULTILINE)  # MemoryError, numpy's _ArrayMemoryError, ...
 
 
@@ -269,7 +269,7 @@ def _supervise(base: Path, argv: list[str], limits: SandboxLimits, tier: str, py
     start = time.monotonic()
     try:
         with open(base / "stdin", "rb") as stdin:
-            proc = subprocess.Popen(_command(tier, spec, python, nobody), stdin=stdin, stdout=out_w, stderr=err_w,
+            proc = subprocess.Popen(_command(tier, spec, python), stdin=stdin, stdout=out_w, stderr=err_w,
                                     pass_fds=(report_w,) if go_r is None else (report_w, go_r), env=env, cwd=work,
                                     start_new_session=True)
     except OSError as e:
@@ -285,8 +285,8 @@ def _supervise(base: Path, argv: list[str], limits: SandboxLimits, tier: str, py
     if go_w is not None:
         try:
             _map_ids(proc.pid)
-            os.write(go_w, b"1")
-        except OSError as e:  # the launcher reads EOF instead, and gives up
+            os.write(go_w, b"1\n")
+        except OSError as e:  # the shell waiting for the word reads EOF instead, and gives up
             map_error = e
         finally:
             os.close(go_w)
@@ -294,7 +294,8 @@ def _supervise(base: Path, argv: list[str], limits: SandboxLimits, tier: str, py
     try:
         watched = _watch(out_r, err_r, report_r, start + limits.timeout_s, limits.output_bytes)
     finally:
-        _stop(proc, token, program_ended=watched is not None and watched.ended_by is None and bool(watched.report))
+        ended = watched is not None and watched.ended_by is None and bool(watched.report)
+        _stop(proc, token, tier, program_ended=ended)
         for fd in (out_r, err_r, report_r):
             os.close(fd)
     if map_error is not None:
@@ -314,15 +315,22 @@ def _as_nobody(tier: str) -> bool:
     return os.geteuid() == 0 and tier != "rlimits"
 
 
-def _command(tier: str, spec: dict[str, Any], python: str, nobody: bool) -> list[str]:
-    launcher = [python, "-I", "-S", "-c", _launcher_source(), json.dumps(spec)]
+def _command(tier: str, spec: dict[str, Any], python: str) -> list[str]:
+    launcher = [python, "-I", "-S", *_launcher_args(python), marshal.dumps(spec, 4).hex()]
     if tier == "rlimits":
         return launcher
     if tier == "namespaces":  # --kill-child: unshare's death (our SIGKILL) takes the namespace's init, hence all
-        ids = [] if nobody else ["--map-root-user"]  # as root, _map_ids writes a map with nobody in it
-        return [shutil.which("unshare") or "unshare", "--user", *ids, "--pid", "--fork", "--kill-child", "--mount",
-                "--net", "--ipc", "--uts", *launcher]
-    work = spec["workdir"]
+        if spec["go_fd"] is None:
+            return [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--pid", "--fork",
+                    "--kill-child", "--mount", "--net", "--ipc", "--uts", *launcher]
+        # As root, _map_ids writes a map with nobody in it, once unshare is in its namespace. Capabilities are
+        # computed at exec, so the launcher must be exec'd after that (before, it would start with none): a shell
+        # waits for the word (through /proc, as dash knows no descriptors past 9), not a second interpreter.
+        wait = (f'read -r go < /proc/self/fd/{spec["go_fd"]} && [ "$go" = 1 ] || '
+                '{ echo "sandbox: the ids of the user namespace were not mapped" >&2; exit 125; }; exec "$@"')
+        return [shutil.which("unshare") or "unshare", "--user", "--pid", "--fork", "--kill-child", "--mount", "--net",
+                "--ipc", "--uts", "/bin/sh", "-c", wait, "sh", *launcher]
+    work, nobody = spec["workdir"], spec["uid"] is not None
     view = [arg for path in _ancestors(spec["ro_paths"]) for arg in ("--dir", path)]  # 0755: bwrap's own are 0700
     for path in spec["ro_paths"]:
         view += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
@@ -358,9 +366,26 @@ def _map_ids(pid: int) -> None:
             f.write(f"0 0 1\n{_NOBODY} {_NOBODY} 1\n")
 
 
-@functools.cache  # two threads may both read it the first time; both get the same text
+_LAUNCHER_MARK = "# --- the launcher: the sandbox's first process"
+
+
+@functools.cache  # two threads may both make it the first time; both get the same
+def _launcher_args(python: str) -> tuple[str, ...]:
+    """What starts the launcher in ``python`` (after ``-I -S``, before SPEC): its code, compiled here once and
+    marshalled, when ``python`` is this interpreter (marshal's format for code is the interpreter's own; compiling the
+    source would cost each run ~2 ms), else its source."""
+    source = _launcher_source()
+    if python != sys.executable:
+        return "-c", source
+    code = marshal.dumps(compile(source, __file__, "exec"))
+    return "-c", "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[1])))", code.hex()
+
+
 def _launcher_source() -> str:
-    return Path(__file__).read_text()
+    """The launcher's part of this file, at its own line numbers (a traceback of the launcher points here)."""
+    text = Path(__file__).read_text()
+    start = text.index("\n" + _LAUNCHER_MARK) + 1
+    return "from __future__ import annotations" + "\n" * text.count("\n", 0, start) + text[start:]
 
 
 @functools.cache
@@ -449,17 +474,36 @@ def _watch(out_fd: int, err_fd: int, report_fd: int, deadline: float, cap: int) 
         if ended_by == "output_limit":
             ended = time.monotonic()
             break
-    parsed = json.loads(report.split(b"\n")[0]) if b"\n" in report else {}
+    parsed = _parse_report(report.split(b"\n")[0].decode(errors="replace")) if b"\n" in report else {}
     return _Watched(ended_by, parsed, ended, tails[out_fd], tails[err_fd])
 
 
-def _stop(proc: subprocess.Popen[bytes], token: str, program_ended: bool) -> None:
+def _parse_report(line: str) -> dict[str, Any]:
+    """The launcher's line (``_write_report``): ``ended WAIT_STATUS CPU_S``, ``backstop`` or ``setup_error WHY``."""
+    kind, _, rest = line.partition(" ")
+    if kind == "ended":
+        wait_status, cpu_s = rest.split()
+        return {"wait_status": int(wait_status), "cpu_s": float(cpu_s)}
+    if kind == "backstop":
+        return {"backstop": True}
+    return {"setup_error": rest if kind == "setup_error" else f"the launcher's report makes no sense: {line!r}"}
+
+
+def _stop(proc: subprocess.Popen[bytes], token: str, tier: str, program_ended: bool) -> None:
     """Leave nothing of the run alive: give the launcher a moment to kill what the program left (when the program
     ended by itself), else kill the launcher's process group (in the namespace tiers that takes the whole PID
-    namespace down with it), then kill whatever still carries the run's marker."""
+    namespace down with it), then kill whatever still carries the run's marker.
+
+    That last sweep reads the environment of every process of the host, so it is skipped where it cannot find
+    anything: in the namespace tiers, once unshare or bubblewrap exited 0 on its own. It did so after reaping the
+    launcher, which exited 0 only after killing and reaping all it had left, and was the init of the run's PID
+    namespace: the kernel reaps an init only when every process of its namespace (nested namespaces included) is
+    gone."""
     if program_ended:
         with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_GRACE_S)
+        if tier != "rlimits" and proc.returncode == 0:
+            return
     if proc.returncode is None:  # not reaped yet, so its pid, the group's id, cannot have been reused
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -504,7 +548,11 @@ def _classify(watched: _Watched, returncode: int | None, stderr: str, cpu_limit_
 
 
 def _remove_tree(path: Path) -> None:
-    """Remove a run's directory, even the parts the program made unreadable (a directory of mode 000)."""
+    """Remove a run's directory, even the parts the program made unreadable (a directory of mode 000): those are
+    opened up only when a first removal left something (root's needs no opening)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        return
     for root, dirs, _ in os.walk(path):
         for name in dirs:
             sub = os.path.join(root, name)
@@ -514,6 +562,26 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     if path.exists():
         raise SandboxError(f"cannot remove the sandbox directory {path}")
+
+
+# --- the launcher: the sandbox's first process -------------------------------------------------------------------
+# It runs alone, once per run: ``python -I -S -c <this file from the line above on> SPEC`` (``_launcher_args``: or
+# that code compiled once; SPEC is ``marshal`` data in hex). So it has its own imports, here, and only of modules
+# that load in a fraction of a millisecond: not json, re, signal, socket, pathlib, contextlib, functools or typing,
+# which pull in enum, inspect and more. Those, and compiling the whole module, cost a run several times what the
+# launcher does. (Hence imports below the top, some of them again: noqa E402, F811.)
+
+import _signal  # noqa: E402  (signal itself is _signal wrapped in enums)
+import ctypes  # noqa: E402
+import fcntl  # noqa: E402
+import marshal  # noqa: E402, F811
+import os  # noqa: E402, F811
+import resource  # noqa: E402, F811
+import struct  # noqa: E402
+import sys  # noqa: E402, F811
+
+_DEVICES = ("null", "zero", "full", "random", "urandom")
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # what bubblewrap also covers: writable by root's uid
 
 
 def _pids() -> list[int]:
@@ -527,8 +595,6 @@ def _read(path: str) -> bytes:
     except OSError:  # gone, or not ours to read
         return b""
 
-
-# --- the launcher: the sandbox's first process -------------------------------------------------------------------
 
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
@@ -544,39 +610,34 @@ _KEPT_FLAGS = {"ST_NOSUID": _MS_NOSUID, "ST_NODEV": _MS_NODEV, "ST_NOEXEC": _MS_
 
 
 def _launch(spec: dict[str, Any]) -> NoReturn:
-    """Set the sandbox up, start the program, write how it ended on the report descriptor (one JSON line), kill
+    """Set the sandbox up, start the program, write how it ended on the report descriptor (one line), kill
     everything it left running, exit. PID 1 of its namespace in the namespace tiers (orphans come to it, and nothing
     inside can signal it); elsewhere the child subreaper of the program's tree."""
     report = spec["report_fd"]
     os.umask(0o022)  # what it creates for the sandbox (and the program's files) must be readable by a program of uid 65534
     try:
-        if spec["go_fd"] is not None:  # wait until the parent has mapped our ids
-            if os.read(spec["go_fd"], 1) != b"1":
-                raise OSError("the parent did not map the user namespace's ids")
+        if spec["go_fd"] is not None:  # what the shell before us read "go" from: not for the program
             os.close(spec["go_fd"])
-            # Capabilities are computed at exec, and ours were computed while root was not mapped yet (none): again.
-            argv = _read("/proc/self/cmdline").split(b"\0")[:-1]
-            os.execv(argv[0], [*argv[:-1], json.dumps({**spec, "go_fd": None}).encode()])
         os.set_inheritable(report, False)
         if spec["tier"] == "namespaces":
             _private_root(spec)
         if os.getpid() != 1:
             _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     except OSError as e:
-        _write_report(report, {"setup_error": str(e)})
+        _write_report(report, "setup_error", e)
         os._exit(125)
-    signal.signal(signal.SIGALRM, _backstop)
-    signal.alarm(spec["backstop_s"])
+    _signal.signal(_signal.SIGALRM, _backstop)
+    _signal.alarm(spec["backstop_s"])
     pid = os.fork()
     if pid == 0:
         _start_program(spec)
     try:
         _, status, usage = os.wait4(pid, 0)
-        outcome: dict[str, Any] = {"wait_status": status, "cpu_s": usage.ru_utime + usage.ru_stime}
+        outcome: tuple[Any, ...] = ("ended", status, usage.ru_utime + usage.ru_stime)
     except TimeoutError:
-        outcome = {"backstop": True}
-    signal.alarm(0)
-    _write_report(report, outcome)
+        outcome = ("backstop",)
+    _signal.alarm(0)
+    _write_report(report, *outcome)
     _kill_descendants()
     os._exit(0)
 
@@ -585,8 +646,9 @@ def _backstop(signum: int, frame: Any) -> NoReturn:
     raise TimeoutError("the launcher's own deadline passed")
 
 
-def _write_report(fd: int, outcome: dict[str, Any]) -> None:
-    os.write(fd, (json.dumps(outcome) + "\n").encode())
+def _write_report(fd: int, *words: Any) -> None:
+    """One line of words (``_parse_report`` reads it); not JSON, which would cost the launcher its import."""
+    os.write(fd, (" ".join(map(str, words)).replace("\n", " ") + "\n").encode())
     os.close(fd)
 
 
@@ -595,8 +657,8 @@ def _start_program(spec: dict[str, Any]) -> NoReturn:
     argv = spec["argv"]
     try:
         os.close(spec["report_fd"])
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGALRM):  # Python ignores the first two; exec keeps that
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ, _signal.SIGALRM):  # Python ignores the first two; exec keeps that
+            _signal.signal(sig, _signal.SIG_DFL)
         _drop_privileges()
         if spec["uid"] is not None:
             os.setgroups([])
@@ -622,8 +684,10 @@ def _drop_privileges() -> None:
     """``no_new_privs``, and an empty capability bounding set where we may empty it (root, or root of a user
     namespace): then even uid 0 execs the program without capabilities, so it cannot undo our mounts."""
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    with suppress(OSError):
+    try:
         _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:  # a kernel without ambient capabilities: none to clear
+        pass
     for cap in range(64):
         try:
             _prctl(_PR_CAPBSET_DROP, cap)
@@ -633,16 +697,22 @@ def _drop_privileges() -> None:
 
 def _kill_descendants() -> None:
     """Kill and reap every process below this one until none is left. Orphans come to this process (PID 1 or
-    subreaper), so a daemon that left the session is among them."""
+    subreaper), so a daemon that left the session is among them, and a launcher without children has no descendants
+    at all: then it need not look for them."""
     me = os.getpid()
     while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:  # reap the dead; ChildProcessError once no child is left
+                pass
+        except ChildProcessError:
+            return
         for pid in [-1] if me == 1 else _descendants(me):  # kill(-1) from init: its whole namespace but itself
-            with suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             os.waitpid(-1, 0)
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
         except ChildProcessError:
             return
 
@@ -668,15 +738,14 @@ def _private_root(spec: dict[str, Any]) -> None:
     root, work = spec["root"], spec["workdir"]
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount may propagate back to the host
     _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")  # just mount points
-    for path in spec["ro_paths"]:
-        _bind(path, root + path, read_only=True)
+    _remount_read_only([root + path for path in spec["ro_paths"] if _bind(path, root + path)])
     os.makedirs(root + "/tmp", exist_ok=True)
     _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={spec['tmp_mb']}m")
-    _bind(work, root + work, read_only=False)
+    _bind(work, root + work)
     os.makedirs(root + "/dev", exist_ok=True)
     _mount("tmpfs", root + "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
     for name in _DEVICES:
-        _bind(f"/dev/{name}", f"{root}/dev/{name}", read_only=False)
+        _bind(f"/dev/{name}", f"{root}/dev/{name}")
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
@@ -684,9 +753,8 @@ def _private_root(spec: dict[str, Any]) -> None:
     _mount("tmpfs", root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={spec['tmp_mb']}m")
     os.makedirs(root + "/proc", exist_ok=True)
     _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
-    for name in _PROC_READ_ONLY:
-        if os.path.exists(f"{root}/proc/{name}"):
-            _bind(f"{root}/proc/{name}", f"{root}/proc/{name}", read_only=True)
+    _remount_read_only([f"{root}/proc/{name}" for name in _PROC_READ_ONLY if os.path.exists(f"{root}/proc/{name}")
+                        and _bind(f"{root}/proc/{name}", f"{root}/proc/{name}")])
     _mount(None, root, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
     _sethostname(b"sandbox")
     _loopback_up()
@@ -696,60 +764,63 @@ def _private_root(spec: dict[str, Any]) -> None:
     os.chdir(work)
 
 
-def _bind(source: str, target: str, read_only: bool) -> None:
+def _bind(source: str, target: str) -> bool:
+    """Bind ``source`` (with what is mounted below it) on ``target``, read-write; a link is copied instead. Whether
+    it mounted anything."""
     if os.path.islink(source):  # /bin -> usr/bin and the like: the same link, pointing inside the new root
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.symlink(os.readlink(source), target)
-        return
+        return False
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
     elif not os.path.exists(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        Path(target).touch()
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
     _mount(source, target, None, _MS_BIND | _MS_REC)
-    if read_only:
-        for mountpoint in _mounts_under(target):  # a recursive bind brings submounts, each read-write until told
-            kept = os.statvfs(mountpoint).f_flag
+    return True
+
+
+def _remount_read_only(targets: list[str]) -> None:
+    """Make each of ``targets`` read-only, with every mount below it: a recursive bind brings the submounts of its
+    source, each read-write until told. One read of the mount table for all of them."""
+    prefixes = tuple(target.rstrip("/") + "/" for target in targets)
+    for line in _read("/proc/self/mountinfo").split(b"\n"):
+        if not line:
+            continue
+        field = line.split(b" ")[4].split(b"\\")  # the mount point; " ", tab, newline and "\" are escaped as \ooo
+        point = os.fsdecode(field[0] + b"".join(bytes([int(part[:3], 8)]) + part[3:] for part in field[1:]))
+        if point in targets or point.startswith(prefixes):
+            kept = os.statvfs(point).f_flag
             flags = sum(ms for st, ms in _KEPT_FLAGS.items() if kept & getattr(os, st, 0))
-            _mount(None, mountpoint, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags)
+            _mount(None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags)
 
 
-def _mounts_under(target: str) -> list[str]:
-    unescape = re.compile(r"\\([0-7]{3})")
-    points = []
-    for line in _read("/proc/self/mountinfo").decode().splitlines():
-        point = unescape.sub(lambda m: chr(int(m[1], 8)), line.split()[4])
-        if point == target or point.startswith(target.rstrip("/") + "/"):
-            points.append(point)
-    return points
+_libc_loaded: list[Any] = []  # the launcher is one thread: no lock, and no functools to import
 
 
-@functools.cache
 def _libc() -> Any:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-    libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
-    libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-    return libc
+    if not _libc_loaded:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+        libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+        libc.syscall.argtypes = [ctypes.c_long, ctypes.c_char_p, ctypes.c_char_p]
+        libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+        _libc_loaded.append(libc)
+    return _libc_loaded[0]
 
 
 def _check(result: int, what: str) -> None:
     if result != 0:
-        import ctypes
-
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     def encode(s: str | None) -> bytes | None:
-        return s.encode() if s is not None else None
+        return os.fsencode(s) if s is not None else None
 
-    _check(_libc().mount(encode(source), target.encode(), encode(fstype), flags, encode(data)),
+    _check(_libc().mount(encode(source), encode(target), encode(fstype), flags, encode(data)),
            f"mount {source or ''} on {target}")
 
 
@@ -770,15 +841,16 @@ def _sethostname(name: bytes) -> None:
 
 def _loopback_up() -> None:
     """Bring up the new network namespace's loopback, so the program may talk to itself (and only to itself)."""
-    import fcntl
-    import socket
-    import struct
+    import _socket  # not socket, whose enums cost more than the rest of the launcher
 
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        flags = struct.unpack_from("16sh", fcntl.ioctl(s, siocgifflags, struct.pack("16s16x", b"lo")))[1]
-        fcntl.ioctl(s, siocsifflags, struct.pack("16sh14x", b"lo", flags | iff_up))
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        flags = struct.unpack_from("16sh", fcntl.ioctl(s.fileno(), siocgifflags, struct.pack("16s16x", b"lo")))[1]
+        fcntl.ioctl(s.fileno(), siocsifflags, struct.pack("16sh14x", b"lo", flags | iff_up))
+    finally:
+        s.close()
 
 
-if __name__ == "__main__":  # the launcher: python -I -S -c <this file's source> SPEC
-    _launch(json.loads(sys.argv[1]))
+if __name__ == "__main__":  # the launcher: python -I -S <_launcher_args(python)> SPEC
+    _launch(marshal.loads(bytes.fromhex(sys.argv[-1])))
