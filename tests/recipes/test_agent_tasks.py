@@ -64,3 +64,19 @@ def test_an_agent_workflow_for_a_task_without_an_environment_is_refused(tmp_path
     err = capsys.readouterr().err
     assert "rollout.workflow=agent needs a task with an environment (make_env); task 'addition' has none" in err
     assert not (tmp_path / "run").exists()  # refused before the run directory is touched
+
+
+def test_a_response_budget_shorter_than_the_demonstrations_is_reported():
+    from rollflow.config import load_config
+    from rollflow.engines.models import char_tokenizer
+    from rollflow.recipes.grpo import demonstrations_cut
+    from rollflow.tasks import ProgramTask
+    from rollflow.workflows import Tokens
+
+    task = ProgramTask(max_len=4)
+    tokens = Tokens(char_tokenizer(task.alphabet()))
+    short = load_config(overrides=["task.name=program", "rollout.max_new_tokens=28"])
+    assert demonstrations_cut(task, tokens, short) == (
+        "warning: rollout.max_new_tokens=28 is shorter than the demonstrations' turns (31 tokens with EOS, in 256 "
+        "sampled): responses will be cut; raise it to 31")
+    assert demonstrations_cut(task, tokens, load_config(overrides=["task.name=program", "rollout.max_new_tokens=31"])) is None

@@ -797,6 +797,8 @@ def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tra
         if config.sft.steps and config.checkpoint.sft_every:
             save_sft(0, progress, "before SFT")
     if config.sft.steps:
+        if (warning := demonstrations_cut(task, tokens, config)) is not None:
+            tracker.note(warning)
         trainer.set_threads(config.sft.torch_threads)
         sft_start = time.perf_counter()
         run_sft(trainer, task, tokens, config, tracker, tokenizer.pad_token_id, stop, done,
@@ -814,6 +816,21 @@ def warm_start(config: Config, workers: Workers, task: Task, tokens: Tokens, tra
         workers.transport.pin(REFERENCE_WEIGHTS)  # the policy RL starts from (published just above)
         workers.reference.freeze()
     return progress
+
+
+def demonstrations_cut(task: Task, tokens: Tokens, config: Config, sample: int = 256) -> str | None:
+    """A warning when ``rollout.max_new_tokens`` is too short for the demonstrations' turns (EOS included): the policy
+    would imitate responses it can never finish, and RL, seeing them cut, unlearns stopping."""
+    stream, demonstration = task.train_problems(config.seed + 1), getattr(task, "demonstration", None)
+    longest = 0
+    for _ in range(sample):
+        p = next(stream)
+        turns = demonstration(p) if callable(demonstration) else [("model", task.reference(p))]
+        longest = max([longest, *(len(tokens.target(text)) for source, text in turns if source == "model")])
+    if longest <= config.rollout.max_new_tokens:
+        return None
+    return (f"warning: rollout.max_new_tokens={config.rollout.max_new_tokens} is shorter than the demonstrations' "
+            f"turns ({longest} tokens with EOS, in {sample} sampled): responses will be cut; raise it to {longest}")
 
 
 def _save_sft_progress(save_sft: Callable[[int, Progress, str], Path], progress: Progress, started: float,
