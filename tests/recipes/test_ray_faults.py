@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from test_resume import start, wait_for_step
@@ -36,11 +37,25 @@ def score(problem, response):
 """
 
 
-def kill_role(title):
-    """SIGKILL the worker whose process title is ``ray::<title>`` (there is one of each role here)."""
-    pids = subprocess.run(["pgrep", "-f", f"ray::{title}"], capture_output=True, text=True).stdout.split()
-    assert len(pids) == 1, f"expected one process titled ray::{title}, found {pids}"
-    os.kill(int(pids[0]), signal.SIGKILL)
+def descends_from(pid, root):
+    """Whether process ``pid`` is ``root`` or one of its descendants (read from /proc; False once it is gone)."""
+    while pid > 1:
+        if pid == root:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's pid
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def kill_role(proc, title):
+    """SIGKILL the worker of the run ``proc`` whose process title is ``ray::<title>`` (one of each role per run; its
+    Ray is the run's own, so its workers descend from it: another Ray on the machine is left alone)."""
+    found = subprocess.run(["pgrep", "-f", f"ray::{title}"], capture_output=True, text=True).stdout.split()
+    pids = [int(p) for p in found if descends_from(int(p), proc.pid)]
+    assert len(pids) == 1, f"expected one process titled ray::{title} under the run, found {pids} (all: {found})"
+    os.kill(pids[0], signal.SIGKILL)
 
 
 def finish(proc, timeout=300):
@@ -62,11 +77,11 @@ def test_killed_rollout_reward_and_trainer_workers_are_replaced_and_nothing_is_l
     proc = start([*SMALL, *SLOW_REWARDS, "task.eval_size=16", "train.steps=24", "checkpoint.every=3",
                   f"run_dir={run_dir}"], tmp_path)
     wait_for_step(proc, run_dir / "metrics.jsonl", 3, timeout=240)
-    kill_role("RolloutWorker")
+    kill_role(proc, "RolloutWorker")
     wait_for_step(proc, run_dir / "metrics.jsonl", 9, timeout=240)
-    kill_role("RewardWorker")
+    kill_role(proc, "RewardWorker")
     wait_for_step(proc, run_dir / "metrics.jsonl", 14, timeout=240)
-    kill_role("TrainerWorker")
+    kill_role(proc, "TrainerWorker")
     err = finish(proc)
 
     assert "fault: rollout/0 lost" in err and "fault: rollout/0 is back" in err
@@ -117,7 +132,7 @@ def test_a_trainer_killed_during_sft_continues_from_its_sft_checkpoint(tmp_path)
     while not (run_dir / "checkpoints" / "sft_000020").exists():
         assert time.time() < deadline and proc.poll() is None, "no SFT checkpoint at step 20"
         time.sleep(0.05)
-    kill_role("TrainerWorker")
+    kill_role(proc, "TrainerWorker")
     err = finish(proc)
     # Lost in an SFT step, or (if the kill lands while it writes a checkpoint) in a driver call to it.
     assert re.search(r"(trainer was lost during SFT step \d+|trainer/0 was lost)[^:]*: restarting from sft_\d+ "
