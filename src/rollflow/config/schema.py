@@ -423,6 +423,10 @@ class RolloutRoleConfig(RoleConfig):
     gather_s: float = Field(0.002, ge=0.0)
     """An engine batch starts once no new request arrived for this long (at most 50 ms after its first request):
     requests sent together, e.g. a step's groups, then share one batch. 0: start at once."""
+    continuous_batching: bool | None = None
+    """Batch text requests at every decoding step (a request joins the running batch, continuous batching) rather than
+    in whole batches. null: on with Ray; off with the inline backend, whose runs stay exactly reproducible (which step
+    a request joins at depends on timing, and with it the sampling RNG's draws)."""
 
 
 class RewardRoleConfig(RoleConfig):

@@ -202,7 +202,9 @@ def _rollout_worker(config: Config, task: Task, index: int, transport: Any, payl
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     limits = Limits(episode=r.episode_timeout, engine=r.engine_timeout, env=r.env_timeout)
     return RolloutWorker(engine, transport, make_workflow(config, task, Tokens(tokenizer)), params, payloads, limits,
-                         threads=threads, max_batch=rt.generate_batch, gather=rt.rollout.gather_s)
+                         threads=threads, max_batch=rt.generate_batch, gather=rt.rollout.gather_s,
+                         continuous=rt.rollout.continuous_batching if rt.rollout.continuous_batching is not None
+                         else rt.backend != "inline")
 
 
 def score_text(verify: Callable[[Problem, str], RewardResult], problem: Problem, cell: TrajectoryCell) -> RewardResult:

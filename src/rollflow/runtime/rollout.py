@@ -167,7 +167,8 @@ class _Context:
 
 class RolloutWorker:
     """Runs ``workflow`` episodes on ``engine`` (an ``InferenceEngine`` for text, a ``PolicyEngine`` otherwise);
-    ``max_batch`` and ``gather`` shape its engine batches (see ``Batcher``)."""
+    ``max_batch`` and ``gather`` shape its engine batches (see ``Batcher``); ``continuous`` batches text requests at
+    every decoding step when the engine offers decode sessions (``decode.ContinuousBatcher``), else in whole batches."""
 
     def __init__(
         self,
@@ -180,11 +181,12 @@ class RolloutWorker:
         threads: int = 1,
         max_batch: int = 256,
         gather: float = 0.0,
+        continuous: bool = True,
     ) -> None:
         self.engine, self.transport, self.workflow = engine, transport, workflow
         self.params = params or SamplingParams()
         self.payloads = payloads or LocalPayloads()
-        self.limits, self.max_batch, self.gather = limits, max_batch, gather
+        self.limits, self.max_batch, self.gather, self.continuous = limits, max_batch, gather, continuous
         self.client = _Client(self, self.params)
         # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
@@ -225,7 +227,7 @@ class RolloutWorker:
         """The batcher of text requests with ``params``, or (None) of action requests: ``submit(item)``. Text requests
         to an engine that decodes continuously go to the worker's ``ContinuousBatcher`` (batched at every decoding
         step); any other engine gets whole batches from a ``Batcher``."""
-        if params is not None and offers_sessions(self.engine):
+        if params is not None and self.continuous and offers_sessions(self.engine):
             return self.decoder().bind(params)
         if params not in self._batchers:
             run = self._act if params is None else lambda prompts: self._generate(prompts, params)
@@ -244,8 +246,8 @@ class RolloutWorker:
 
     # -- the engine thread ----------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]], params: SamplingParams, record: bool = True) -> list[Generation]:
-        if offers_sessions(self.engine):
-            self.decoder().drain()  # rows decoding on the old weights end first: the pick-up must not land under them
+        if self._decoder is not None:
+            self._decoder.drain()  # rows decoding on the old weights end first: the pick-up must not land under them
         self._pick_up()
         started = time.time()
         out = self.engine.generate(prompts, params)
