@@ -49,7 +49,7 @@ def test_guess_episodes_are_multi_turn_on_ray(runs):
 def test_program_runs_in_the_sandbox_with_partial_credit_on_ray(runs):
     rows = rollouts(runs / "program")
     assert len(rows) == 2 * 2 * 2
-    for r in rows:  # an untrained model's programs do not run: -10 + 0.1 per stage, agent_error
+    for r in rows:  # an untrained model's programs do not run: -1 + 0.1 per stage, agent_error
         assert set(r["breakdown"]) >= {"failed", "stages", "task_score", "run_s"}
         assert r["reward"] == pytest.approx(r["breakdown"]["failed"] + r["breakdown"]["stage_credit"]
                                             + r["breakdown"]["task_score"])

@@ -39,11 +39,11 @@ def test_outcomes_and_partial_credit(task):
     wrong = task.verify(p, f"x=[{xs}];print(x.sort())")  # runs, prints None
     assert (wrong.reward, wrong.status) == (0.0, Status.OK)
     crashed_late = task.verify(p, f"x=[{xs}];print(x.max())")  # AttributeError after the data stage
-    assert crashed_late.reward == pytest.approx(-10.0 + 0.1) and crashed_late.status is Status.AGENT_ERROR
+    assert crashed_late.reward == pytest.approx(-1.0 + 0.1) and crashed_late.status is Status.AGENT_ERROR
     crashed_early = task.verify(p, "x=[1;print(x)")  # does not even parse: no stage
-    assert crashed_early.reward == -10.0 and crashed_early.status is Status.AGENT_ERROR
+    assert crashed_early.reward == -1.0 and crashed_early.status is Status.AGENT_ERROR
     looping = task.verify(p, f"x=[{xs}];print(x)\nwhile 1:pass")
-    assert looping.status is Status.AGENT_ERROR and looping.reward == pytest.approx(-10.0 + 0.2)
+    assert looping.status is Status.AGENT_ERROR and looping.reward == pytest.approx(-1.0 + 0.2)
     assert looping.breakdown["run_s"] >= 2.5  # killed at the task's 3 s timeout
 
 

@@ -128,8 +128,11 @@ class ProgramTaskConfig(Section):
     """Operations the SFT demonstrator writes a bug for (with probability demo_bug): the gap RL has to close."""
     demo_bug: float = Field(0.6, ge=0.0, le=1.0)
     """Chance the demonstrator writes its bug on a buggy operation."""
-    fail_penalty: float = -10.0
-    """Reward of a program that failed, before stage credit (the paper's -10)."""
+    fail_penalty: float = -1.0
+    """Reward of a program that failed, before stage credit. The paper's -10 (PartialCredit's default) dwarfs the task
+    score here: with GRPO's per-group normalisation one crash in a group flattens the right-vs-wrong signal of the
+    rest, and the policy drifted to programs that never crash but print the wrong thing (seed 1: 0.47 -> 0.83 ->
+    0.53). -1 keeps a crash worse than a wrong answer on the task score's scale."""
     stage_credit: float = Field(0.1, ge=0.0)
     """Reward per stage a failed program reached (data, printed)."""
     timeout_s: float = Field(5.0, gt=0.0)

@@ -9,7 +9,8 @@ prints the Python value. The target output is that of the reference program, run
 Scoring (``tasks.partial_credit``): before it runs, the response is instrumented with two stage markers by the
 rule-based instrumenter: ``data`` after the first assignment to ``x``, ``printed`` after the first ``print``. A
 program that fails (an exception, a timeout, too much memory or output, a kill) gets ``fail_penalty + stage_credit ×
-stages reached`` (−10 + 0.1 per stage by default, as in the paper), and its status is ``agent_error`` (an outcome
+stages reached`` (−1 + 0.1 per stage by default: the paper's −10 swamped the task score under GRPO's normalisation,
+see ``config.schema.ProgramTaskConfig``), and its status is ``agent_error`` (an outcome
 of the agent, trained on); one that runs gets the task score: 1 if its output (markers removed, surrounding blank
 space stripped) is the target, else 0. A sandbox that could not run the program at all is ``infra_error``: the
 sample is scored again, never given a reward. The time the program ran is the reward's duration, the "action
@@ -58,7 +59,7 @@ class ProgramTask(ProceduralTask):
     name = "program"
 
     def __init__(self, min_len: int = 2, max_len: int = 4, buggy_ops: tuple[str, ...] = ("max", "sort", "rev"),
-                 demo_bug: float = 0.6, fail_penalty: float = -10.0, stage_credit: float = 0.1,
+                 demo_bug: float = 0.6, fail_penalty: float = -1.0, stage_credit: float = 0.1,
                  timeout_s: float = 5.0, memory_mb: int = 256, isolation: str = "auto", eval_size: int = 300,
                  eval_seed: int = 12345) -> None:
         super().__init__(eval_size, eval_seed)
