@@ -579,3 +579,16 @@ def test_cli_bad_input_exits_2_and_says_what_was_wrong(tmp_path, capsys, argv, m
     (tmp_path / "hello.py").write_text("print('hello')\n")
     assert main(["sandbox", "run", str(tmp_path / argv[0]), *argv[1:]]) == 2
     assert capsys.readouterr() == ("", f"rollflow: {message.format(tmp=tmp_path)}\n")
+
+
+@pytest.mark.parametrize("tier", ISOLATED_TIER)
+def test_an_interpreter_under_tmp_stays_visible_over_the_private_tmp(tier, tmp_path):
+    # A virtual environment in /tmp (a CI checkout, say) lies where the sandbox mounts its own /tmp: it is bound
+    # over it, read-only, so the isolated tiers still work with it.
+    assert str(tmp_path).startswith("/tmp/")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    assert why_unavailable(tier, python) is None
+    result = Sandbox(SandboxLimits(timeout_s=10, isolation=tier), python=python).run("import sys; print(sys.prefix)")
+    assert (result.status, result.stdout.strip(), result.isolation) == ("ok", str(venv), tier)

@@ -331,10 +331,12 @@ def _command(tier: str, spec: dict[str, Any], python: str) -> list[str]:
         return [shutil.which("unshare") or "unshare", "--user", "--pid", "--fork", "--kill-child", "--mount", "--net",
                 "--ipc", "--uts", "/bin/sh", "-c", wait, "sh", *launcher]
     work, nobody = spec["workdir"], spec["uid"] is not None
-    view = [arg for path in _ancestors(spec["ro_paths"]) for arg in ("--dir", path)]  # 0755: bwrap's own are 0700
+    # The private /tmp first, so that what is bound below it (an interpreter in /tmp/venv) stays visible.
+    view = ["--tmpfs", "/tmp", *(arg for path in _ancestors(spec["ro_paths"]) if path != "/tmp"
+                                 for arg in ("--dir", path))]  # 0755: bwrap's own are 0700
     for path in spec["ro_paths"]:
         view += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
-    view += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    view += ["--proc", "/proc", "--dev", "/dev"]
     view += [arg for path in _ancestors([work]) if path != "/tmp" for arg in ("--dir", path)]
     # bwrap maps only the caller's uid into a user namespace, so as root it goes without one (root needs none), and
     # the launcher keeps just what it takes to make the program nobody and to kill it then.
@@ -738,9 +740,11 @@ def _private_root(spec: dict[str, Any]) -> None:
     root, work = spec["root"], spec["workdir"]
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we mount may propagate back to the host
     _mount("tmpfs", root, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")  # just mount points
-    _remount_read_only([root + path for path in spec["ro_paths"] if _bind(path, root + path)])
+    in_tmp = [path for path in spec["ro_paths"] if path.startswith("/tmp/")]  # e.g. an interpreter in /tmp/venv
+    _remount_read_only([root + path for path in spec["ro_paths"] if path not in in_tmp and _bind(path, root + path)])
     os.makedirs(root + "/tmp", exist_ok=True)
     _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777,size={spec['tmp_mb']}m")
+    _remount_read_only([root + path for path in in_tmp if _bind(path, root + path)])  # over the private /tmp
     _bind(work, root + work)
     os.makedirs(root + "/dev", exist_ok=True)
     _mount("tmpfs", root + "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
