@@ -28,3 +28,17 @@ def tokenizer():
 def make_model(tokenizer):
     """``make_model(seed)`` → a fresh tiny model; call it twice with one seed for two identical models."""
     return lambda seed=0: tiny_model(TINY, tokenizer, seed)
+
+
+@pytest.fixture
+def model(make_model):
+    """A tiny model whose every next token depends on the whole prefix. Freshly initialised (std 0.02, tied
+    embeddings) it only echoes its last token, which would let a position, padding or cache-merge bug pass unnoticed;
+    large random weights (norms left alone) make such a bug change the tokens."""
+    model = make_model(seed=1).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model

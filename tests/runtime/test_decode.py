@@ -215,17 +215,6 @@ def test_a_request_whose_asker_gave_up_is_dropped_from_the_session():
     assert sum(a in rows for _, rows in engine.steps) < 10**4  # decoded until the timeout, not to its end
 
 
-@pytest.fixture
-def model(make_model):
-    model = make_model(seed=1).eval()  # large random weights: every token depends on the whole prefix
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
-
-
 class TwoTurns:
     """A model turn, an environment step of ``task[0] / 100`` seconds that answers ``[3, 4]``, another model turn."""
 

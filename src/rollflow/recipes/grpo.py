@@ -116,11 +116,11 @@ def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: i
     by its environment (or, if it gives none, by the verifier on its last turn). ``threads`` verifiers run at once."""
     problems = task.eval_problems()
     params = SamplingParams(greedy=True, max_new_tokens=max_new_tokens)
-    items = [(i, p) for i, p in enumerate(problems)] if agent else [(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)]
     if agent:
-        answers = [(i, cell) for i, cell in rollout.episodes(items, params) if not isinstance(cell, Reject)]
+        episodes = rollout.episodes(list(enumerate(problems)), params)
+        answers = [(i, cell) for i, cell in episodes if not isinstance(cell, Reject)]
     else:
-        answers = [(i, g) for i, g in rollout.generate(items, params)]
+        answers = rollout.generate([(i, tokens.prompt(p.prompt)) for i, p in enumerate(problems)], params)
 
     def solved(answer: tuple[int, Any]) -> bool:
         i, out = answer
@@ -134,13 +134,11 @@ def evaluate(rollout: WorkerGroup, task: Task, tokens: Tokens, max_new_tokens: i
 
 def is_agent(config: Config, task: Task) -> bool:
     """Whether the run's rollouts are agent episodes (``AgentLoop``) rather than one response per prompt."""
-    kind = config.rollout.workflow
-    if kind == "auto":
-        return callable(getattr(task, "make_env", None))
-    if kind == "agent" and not callable(getattr(task, "make_env", None)):
+    kind, has_env = config.rollout.workflow, callable(getattr(task, "make_env", None))
+    if kind == "agent" and not has_env:
         raise ConfigError(f"rollout.workflow=agent needs a task with an environment (make_env); task "
-                          f"'{task.name}' has none: use rollout.workflow=single_turn or an agent task (guess, program)")
-    return kind == "agent"
+                          f"'{task.name}' has none: use rollout.workflow=single_turn or an agent task (guess)")
+    return has_env if kind == "auto" else kind == "agent"
 
 
 def make_workflow(config: Config, task: Task, tokens: Tokens) -> RolloutWorkflow:
