@@ -218,6 +218,7 @@ def test_model_output_that_changes_the_program_is_rejected_for_the_fallback(comp
     instrumenter = ModelInstrumenter(lambda p: completion, fallback)
     assert instrumenter.instrument(PROGRAM, ML_STAGES) == INSTRUMENTED
     assert (instrumenter.accepted, instrumenter.rejected, fallback.calls) == (0, {reason: 1}, 1)
+    assert instrumenter.attempt(PROGRAM, ML_STAGES) == (INSTRUMENTED, reason)  # the outcome of this one call
 
 
 def test_a_model_that_raises_falls_back_and_an_unparseable_source_is_not_sent():
@@ -230,6 +231,20 @@ def test_a_model_that_raises_falls_back_and_an_unparseable_source_is_not_sent():
     asked = ModelInstrumenter(lambda p: pytest.fail("asked about a program that does not parse"), RuleInstrumenter())
     assert asked.instrument("def f(:\n", ML_STAGES) == "def f(:\n"
     assert (asked.accepted, asked.rejected) == (0, {})
+    assert asked.attempt("def f(:\n", ML_STAGES) == ("def f(:\n", "not_python")
+
+
+def test_a_checkpoint_is_loaded_as_the_model_instrumenter_and_a_bad_one_names_the_field(tmp_path):
+    tokenizer = char_tokenizer(string.printable)
+    spec = TinyModelSpec(hidden_size=16, layers=1, heads=2, intermediate_size=32, max_positions=2048)
+    save_pretrained(tiny_model(spec, tokenizer, seed=0), tokenizer, tmp_path / "ckpt")
+    instrumenter = ModelInstrumenter.from_checkpoint(tmp_path / "ckpt", RuleInstrumenter(), max_new_tokens=8)
+    program, outcome = instrumenter.attempt(PROGRAM, ML_STAGES)
+    assert program == INSTRUMENTED and outcome in ("unparseable", "changed")  # 8 untrained characters: the rules
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"task.instrumenter='.*empty' is not a Hugging Face checkpoint "
+                                                r"directory .* or task.instrumenter=rules for the rule-based"):
+        ModelInstrumenter.from_checkpoint(tmp_path / "empty", RuleInstrumenter())
 
 
 def test_extract_program_reads_up_to_the_closing_fence():

@@ -3,6 +3,7 @@ default), from the repository, with a tiny model and a short run. The episodes a
 (`guess`), or programs run in the code sandbox with partial credit (`program`); both evaluate by greedy episodes."""
 
 import json
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from rollflow.cli import main
+from rollflow.engines.models import TinyModelSpec, char_tokenizer, save_pretrained, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLLFLOW = Path(sys.executable).with_name("rollflow")
@@ -22,11 +24,19 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both tasks at once, each its own `rollflow train` process with its own private Ray."""
+    """Both tasks at once, each its own `rollflow train` process with its own private Ray. `program` runs from
+    another working directory with a frozen model as its instrumenter, a checkpoint given by a relative path."""
     out = tmp_path_factory.mktemp("agents")
-    procs = {task: subprocess.Popen(
-        [str(ROLLFLOW), "train", f"configs/agents/{task}.yaml", *TINY, f"run_dir={out / task}"], cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for task in ("guess", "program")}
+    tokenizer = char_tokenizer(string.printable)
+    spec = TinyModelSpec(hidden_size=16, layers=1, heads=2, intermediate_size=32, max_positions=2048)
+    save_pretrained(tiny_model(spec, tokenizer, seed=0), tokenizer, out / "instrumenter")
+    commands = {
+        "guess": ([str(ROLLFLOW), "train", "configs/agents/guess.yaml", *TINY, f"run_dir={out / 'guess'}"], ROOT),
+        "program": ([str(ROLLFLOW), "train", str(ROOT / "configs/agents/program.yaml"), *TINY, "run_dir=program",
+                     "task.instrumenter=instrumenter", "task.instrumenter_max_new_tokens=8"], out),
+    }
+    procs = {task: subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for task, (command, cwd) in commands.items()}
     logs = {task: p.communicate(timeout=600)[0] for task, p in procs.items()}
     for task, p in procs.items():
         assert p.returncode == 0, logs[task][-3000:]
@@ -55,7 +65,10 @@ def test_program_runs_in_the_sandbox_with_partial_credit_on_ray(runs):
                                             + r["breakdown"]["task_score"])
         assert r["status"] == ("agent_error" if r["breakdown"]["failed"] else "ok")
         assert r["breakdown"]["run_s"] > 0.0  # it really ran
+        assert r["breakdown"]["instrumented_by_model"] == 0.0  # an untrained instrumenter's markers are never kept
     assert any(r["status"] == "agent_error" for r in rows)
+    metrics = [json.loads(line) for line in (runs / "program" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["reward/instrumented_by_model"] for m in metrics if "reward/instrumented_by_model" in m] == [0.0, 0.0]
 
 
 def test_an_agent_workflow_for_a_task_without_an_environment_is_refused(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The `program` task: references, the demonstrator's bugs, and programs scored by running them in the sandbox with
 partial credit (outcome classes, stages, the sandbox's own failure as an infrastructure fault)."""
 
+import pickle
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,9 +85,37 @@ def test_a_sandbox_that_cannot_run_is_an_infrastructure_fault(task, monkeypatch)
 
 
 def test_the_task_pickles_without_its_sandbox():
-    import pickle
-
     task = ProgramTask()
     assert task.sandbox.isolation in ("bwrap", "namespaces", "rlimits")  # probed here
     copy = pickle.loads(pickle.dumps(task))
     assert "sandbox" not in copy.__dict__ and copy.limits == task.limits
+
+
+def test_a_model_instrumenter_is_used_when_configured_and_its_share_reported(task, tmp_path, monkeypatch):
+    from rollflow.envs.instrument import ModelInstrumenter
+
+    p = problem(task, "sum")
+    right = f"x=[{','.join(map(str, p.meta['xs']))}];{OPS['sum'][0]}"
+    by_model = ProgramTask(timeout_s=3.0, instrumenter=str(tmp_path))  # never loaded: replaced below
+    careful = ModelInstrumenter(lambda prompt: by_model.rules.instrument(right, ("data", "printed")), by_model.rules)
+    monkeypatch.setitem(by_model.__dict__, "model_instrumenter", careful)
+    kept = by_model.verify(p, right)
+    assert (kept.reward, kept.breakdown["instrumented_by_model"], kept.breakdown["stages"]) == (1.0, 1.0, 2.0)
+    careless = ModelInstrumenter(lambda prompt: right.replace("sum", "max"), by_model.rules)  # changed the program
+    monkeypatch.setitem(by_model.__dict__, "model_instrumenter", careless)
+    dropped = by_model.verify(p, right)  # the rules' markers instead: the policy's own program ran
+    assert (dropped.reward, dropped.breakdown["instrumented_by_model"], dropped.breakdown["stages"]) == (1.0, 0.0, 2.0)
+    assert "instrumented_by_model" not in task.verify(p, right).breakdown  # the rules: nothing to report
+    assert "model_instrumenter" not in pickle.loads(pickle.dumps(by_model)).__dict__  # each process loads its own
+
+
+def test_the_instrumenter_setting_is_checked_and_a_relative_path_made_absolute(tmp_path, monkeypatch):
+    from rollflow.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"task.instrumenter='nowhere' is neither 'rules' nor a Hugging Face"):
+        load_config(overrides=["task.name=program", "task.instrumenter=nowhere"])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    config = load_config(overrides=["task.name=program", "task.instrumenter=ckpt"])
+    assert config.task.instrumenter == str(tmp_path / "ckpt")

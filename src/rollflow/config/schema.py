@@ -15,9 +15,10 @@ import ast
 import inspect
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rollflow.algos import ADVANTAGES, AGGREGATIONS, CORRECTIONS, KL_ESTIMATORS, POLICY_LOSSES
 
@@ -143,12 +144,28 @@ class ProgramTaskConfig(Section):
     """Sandbox isolation tier: auto takes the strongest that works here (`rollflow sandbox run` reports it)."""
     eval_size: int = Field(200, ge=1)
     """Held-out problems, disjoint from training."""
+    instrumenter: str = "rules"
+    """What inserts the stage markers before a program runs: 'rules' (regular expressions per stage), or the path of a
+    local Hugging Face checkpoint of a frozen causal LM, asked per program and kept only when it added nothing but
+    markers (otherwise the rules); reward/instrumented_by_model is the share it was kept."""
+    instrumenter_max_new_tokens: int = Field(256, ge=1)
+    """Most tokens the instrumenting model writes per program (a longer answer is cut and falls back to the rules)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> ProgramTaskConfig:
         if self.min_len > self.max_len:
             raise ValueError(f"task.min_len={self.min_len} is more than task.max_len={self.max_len}")
         return self
+
+    @field_validator("instrumenter")
+    @classmethod
+    def _checkpoint(cls, value: str) -> str:
+        if value == "rules":
+            return value
+        if not (Path(value) / "config.json").is_file():
+            raise ValueError(f"task.instrumenter={value!r} is neither 'rules' nor a Hugging Face checkpoint directory "
+                             "(no config.json there); give 'rules' or a folder written by save_pretrained")
+        return str(Path(value).resolve())  # reward workers may run in another working directory
 
 
 TaskConfig = Annotated[AdditionTaskConfig | SortingTaskConfig | FileTaskConfig | GuessTaskConfig | ProgramTaskConfig,

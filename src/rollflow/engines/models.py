@@ -65,29 +65,35 @@ def tiny_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast, seed: in
         return Qwen2ForCausalLM(config)
 
 
-def load_pretrained(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """Load a causal LM and its tokenizer from a local Hugging Face directory (never from a hub)."""
-    tokenizer = load_tokenizer(path)
+# what else a user can write in the field a checkpoint path came from
+HINTS = {"model.path": ", or leave model.path unset for the built-in tiny model",
+         "task.instrumenter": ", or task.instrumenter=rules for the rule-based instrumenter"}
+
+
+def load_pretrained(path: str | Path, field: str = "model.path") -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a causal LM and its tokenizer from a local Hugging Face directory (never from a hub); errors name the
+    config ``field`` the path came from."""
+    tokenizer = load_tokenizer(path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError) as e:  # no weights file, a config transformers cannot read, a truncated file
-        raise FileNotFoundError(f"model.path={str(path)!r} holds no loadable model ({type(e).__name__}: "
+        raise FileNotFoundError(f"{field}={str(path)!r} holds no loadable model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}); give a folder written by save_pretrained") from e
     return model, tokenizer
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(path: str | Path, field: str = "model.path") -> PreTrainedTokenizerFast:
     """The tokenizer of a local Hugging Face checkpoint directory (its pad token set to EOS if it has none)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"model.path={str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
-            "give a folder written by save_pretrained, or leave model.path unset for the built-in tiny model"
+            f"{field}={str(path)!r} is not a Hugging Face checkpoint directory (no config.json); "
+            f"give a folder written by save_pretrained{HINTS.get(field, '')}"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:  # a broken config.json, no tokenizer files
-        raise FileNotFoundError(f"model.path={str(path)!r} holds no loadable tokenizer ({type(e).__name__}: "
+        raise FileNotFoundError(f"{field}={str(path)!r} holds no loadable tokenizer ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}); give a folder written by save_pretrained") from e
     if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -23,6 +23,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol
 
@@ -227,10 +228,15 @@ class ModelInstrumenter:
         self._lock = threading.Lock()  # reward workers may instrument concurrently
 
     def instrument(self, source: str, stages: Sequence[str]) -> str:
+        return self.attempt(source, stages)[0]
+
+    def attempt(self, source: str, stages: Sequence[str]) -> tuple[str, str]:
+        """``instrument`` that also says what happened to this one call: ``accepted``, a rejection reason (the
+        fallback's program came back) or ``not_python`` (the source came back unchanged)."""
         try:
             ast.parse(source)
         except (SyntaxError, ValueError):
-            return source
+            return source, "not_python"
         try:
             program = extract_program(self.generate(instrument_prompt(source, stages)))
         except Exception as e:  # a model that fails costs marker quality, never the run
@@ -247,12 +253,32 @@ class ModelInstrumenter:
             return self._reject("no_markers", source, stages)
         with self._lock:
             self.accepted += 1
-        return program
+        return program, "accepted"
 
-    def _reject(self, reason: str, source: str, stages: Sequence[str]) -> str:
+    def _reject(self, reason: str, source: str, stages: Sequence[str]) -> tuple[str, str]:
         with self._lock:
             self.rejected[reason] += 1
-        return self.fallback.instrument(source, stages)
+        return self.fallback.instrument(source, stages), reason
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, fallback: Instrumenter, max_new_tokens: int = 256,
+                        field: str = "task.instrumenter") -> ModelInstrumenter:
+        """A frozen causal LM from a local Hugging Face checkpoint directory (never a hub), decoding greedily; a
+        directory that holds no model is a ``FileNotFoundError`` naming ``field``."""
+        from rollflow.engines.hf_inference import HFInferenceEngine
+        from rollflow.engines.models import load_pretrained
+
+        model, tokenizer = load_pretrained(path, field=field)
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        generate = engine_generate(HFInferenceEngine(model, tokenizer), lambda text: [*bos, *tokenizer.encode(text)],
+                                   lambda ids: tokenizer.decode(ids, skip_special_tokens=True), max_new_tokens)
+        lock = threading.Lock()  # reward workers score concurrently; one engine decodes one request at a time
+
+        def one_at_a_time(prompt: str) -> str:
+            with lock:
+                return generate(prompt)
+
+        return cls(one_at_a_time, fallback)
 
 
 def engine_generate(engine: InferenceEngine, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],

@@ -6,8 +6,9 @@ A problem names an operation and a list: ``"sort 3 9 4"``. A right program is ``
 ``min``, ``len``, ``sort`` (ascending, as a list), ``rev`` (reversed, as a list), each printed the way ``print``
 prints the Python value. The target output is that of the reference program, run in the same interpreter.
 
-Scoring (``tasks.partial_credit``): before it runs, the response is instrumented with two stage markers by the
-rule-based instrumenter: ``data`` after the first assignment to ``x``, ``printed`` after the first ``print``. A
+Scoring (``tasks.partial_credit``): before it runs, the response is instrumented with two stage markers, by the
+rule-based instrumenter (``data`` after the first assignment to ``x``, ``printed`` after the first ``print``) or, with
+``task.instrumenter`` a local checkpoint, by that frozen model, kept only when it added nothing but markers. A
 program that fails (an exception, a timeout, too much memory or output, a kill) gets ``fail_penalty + stage_credit ×
 stages reached`` (−1 + 0.1 per stage by default: the paper's −10 swamped the task score under GRPO's normalisation,
 see ``config.schema.ProgramTaskConfig``), and its status is ``agent_error`` (an outcome
@@ -31,7 +32,7 @@ from functools import cached_property
 from typing import Any
 
 from rollflow.api import Problem, RewardResult, Status
-from rollflow.envs.instrument import RuleInstrumenter
+from rollflow.envs.instrument import ModelInstrumenter, RuleInstrumenter
 from rollflow.envs.sandbox import Sandbox, SandboxError, SandboxLimits
 from rollflow.tasks.partial_credit import PartialCredit, score_run, strip_markers
 from rollflow.tasks.procedural import ProceduralTask
@@ -61,7 +62,7 @@ class ProgramTask(ProceduralTask):
     def __init__(self, min_len: int = 2, max_len: int = 4, buggy_ops: tuple[str, ...] = ("max", "sort", "rev"),
                  demo_bug: float = 0.6, fail_penalty: float = -1.0, stage_credit: float = 0.1,
                  timeout_s: float = 5.0, memory_mb: int = 256, isolation: str = "auto", eval_size: int = 300,
-                 eval_seed: int = 12345) -> None:
+                 eval_seed: int = 12345, instrumenter: str = "rules", instrumenter_max_new_tokens: int = 256) -> None:
         super().__init__(eval_size, eval_seed)
         unknown = set(buggy_ops) - set(OPS)
         if unknown or not 1 <= min_len <= max_len or not 0.0 <= demo_bug <= 1.0:
@@ -71,17 +72,34 @@ class ProgramTask(ProceduralTask):
         self.min_len, self.max_len, self.buggy_ops, self.demo_bug = min_len, max_len, tuple(buggy_ops), demo_bug
         self.credit = PartialCredit(STAGES, fail_penalty, stage_credit)
         self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, isolation=isolation)
-        self.instrumenter = RuleInstrumenter(RULES)
+        self.rules = RuleInstrumenter(RULES)
+        self.instrumenter_path, self.instrumenter_max_new_tokens = instrumenter, instrumenter_max_new_tokens
 
     @cached_property
     def sandbox(self) -> Sandbox:
         """Made where it is first used (a reward worker's process), so the isolation tier is probed there."""
         return Sandbox(self.limits)
 
+    @cached_property
+    def model_instrumenter(self) -> ModelInstrumenter | None:
+        """The frozen LM that inserts the markers (``task.instrumenter`` a checkpoint path), loaded where it is first
+        used; None with the rules."""
+        if self.instrumenter_path == "rules":
+            return None
+        return ModelInstrumenter.from_checkpoint(self.instrumenter_path, self.rules, self.instrumenter_max_new_tokens)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.pop("sandbox", None)  # each process probes its own tier
+        for local in ("sandbox", "model_instrumenter"):  # each process probes its own tier, loads its own model
+            state.pop(local, None)
         return state
+
+    def instrument(self, response: str) -> tuple[str, dict[str, float]]:
+        """The response with its stage markers, and (with a model instrumenter) whether the model's were kept."""
+        if self.model_instrumenter is None:
+            return self.rules.instrument(response, STAGES), {}
+        program, outcome = self.model_instrumenter.attempt(response, STAGES)
+        return program, {"instrumented_by_model": float(outcome == "accepted")}
 
     def alphabet(self) -> str:
         programs = "".join(right + bug for right, bug in OPS.values())
@@ -101,7 +119,7 @@ class ProgramTask(ProceduralTask):
         return f"x=[{','.join(map(str, xs))}];{last}"
 
     def verify(self, problem: Problem, response: str) -> RewardResult:
-        program = self.instrumenter.instrument(response, STAGES)
+        program, instrumented = self.instrument(response)
         try:
             run = self.sandbox.run(program)
         except SandboxError:  # the sandbox, not the program, failed: never a reward
@@ -109,4 +127,4 @@ class ProgramTask(ProceduralTask):
         status = Status.OK if run.status == "ok" else Status.AGENT_ERROR
         result = score_run(self.credit, run, lambda stdout: float(strip_markers(stdout).strip() == problem.answer),
                            status)
-        return RewardResult(result.reward, {**result.breakdown, "run_s": run.duration_s}, result.status)
+        return RewardResult(result.reward, {**result.breakdown, **instrumented, "run_s": run.duration_s}, result.status)
