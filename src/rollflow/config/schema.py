@@ -114,8 +114,10 @@ class GuessTaskConfig(Section):
     """The last this-many letters are the ones the SFT demonstrator may skip looking up."""
     demo_skip: float = Field(0.6, ge=0.0, le=1.0)
     """Chance the demonstrator skips looking up a lazy second letter and guesses (the gap RL has to close)."""
-    eval_size: int = Field(40, ge=1)
-    """Held-out problems; their letter pairs never appear in training."""
+    eval_size: int = Field(200, ge=1)
+    """Held-out problems, over eval_pairs letter pairs (each with new tables)."""
+    eval_pairs: int = Field(40, ge=1)
+    """Letter pairs held out: training never asks for them."""
 
 
 class ProgramTaskConfig(Section):
