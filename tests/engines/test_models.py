@@ -46,6 +46,10 @@ def test_save_and_load_round_trip(tmp_path, tokenizer, make_model):
     text = "12+34=64"
     ids = tokenizer.encode(text)
     assert loaded_tok.encode(text) == ids
+    # spaces too: loaded as the model type's own tokenizer (Qwen2's byte-level one), they were dropped
+    spaced = char_tokenizer("0123456789 +=")
+    save_pretrained(model, spaced, tmp_path / "spaced")
+    assert load_pretrained(tmp_path / "spaced")[1].encode("1 2 + 3") == spaced.encode("1 2 + 3") != spaced.encode("12+3")
     assert (loaded_tok.pad_token_id, loaded_tok.bos_token_id, loaded_tok.eos_token_id) == (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
     )

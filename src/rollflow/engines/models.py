@@ -7,6 +7,7 @@ round-trip through ``save_pretrained`` / ``from_pretrained``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,29 @@ def load_tokenizer(path: str | Path, field: str = "model.path") -> PreTrainedTok
             f"give a folder written by save_pretrained{HINTS.get(field, '')}"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if _saved_class(path) in PLAIN_TOKENIZERS:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:  # a broken config.json, no tokenizer files
         raise FileNotFoundError(f"{field}={str(path)!r} holds no loadable tokenizer ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}); give a folder written by save_pretrained") from e
     if tokenizer.pad_token is None:  # many LM tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# Tokenizers saved as a plain tokenizers pipeline (the built-in character tokenizer among them). AutoTokenizer would
+# load them as the model type's own class (Qwen2Tokenizer for the built-in model), which rebuilds a byte-level
+# pipeline around the saved vocabulary: every space would be dropped.
+PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_class(path: Path) -> str | None:
+    try:
+        return json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # no such file, or not a JSON object: AutoTokenizer says what is wrong
+        return None
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
