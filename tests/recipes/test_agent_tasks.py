@@ -52,6 +52,9 @@ def test_guess_episodes_are_multi_turn_on_ray(runs):
     assert len(rows) == 2 * 2 * 2
     assert all(set(r["breakdown"]) == {"return", "turns"} and 1 <= r["breakdown"]["turns"] <= 4 for r in rows)
     assert any(r["breakdown"]["turns"] > 1 for r in rows)  # an untrained model's turns are malformed calls: "?"
+    for r in rows:  # the whole episode is logged: model turns, and between them the environment's answers
+        assert [source for source, _ in r["turns"]] == ["model", "env"] * int(r["breakdown"]["turns"] - 1) + ["model"]
+        assert r["turns"][-1][1] == r["response"]
     summary = json.loads((runs / "guess" / "summary.json").read_text())
     assert summary["backend"] == "ray" and summary["steps"] == 2 and "accuracy_final" in summary
 

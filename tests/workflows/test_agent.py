@@ -159,6 +159,9 @@ def test_guess_task_episode_with_the_tool_and_a_malformed_call():
     [t] = worker.payloads.get([out.values[0].value.payload])
     observations = [tokenizer.decode(t.tokens[turn.start : turn.end]) for turn in t.turns if turn.source == "env"]
     assert observations == ["?", str(table[a]), str(table[b]), ""]  # the malformed call is answered "?"
+    assert cell.info["transcript"] == [  # the episode as a run's rollouts.jsonl shows it (its "turns")
+        ["model", f"get('{a}'"], ["env", "?"], ["model", f"get('{a}')"], ["env", str(table[a])],
+        ["model", f"get('{b}')"], ["env", str(table[b])], ["model", problem.answer]]
 
 
 def test_evaluation_episodes_decode_greedily():

@@ -703,6 +703,7 @@ def _run(config: Config, task: Task, tokenizer: Any, checkpoint: Path | None, re
                         "uid": row.uid, "step": step, "group": row.group_id, "version": row[TRAJECTORY].version,
                         "prompt": row[TASK].prompt, "response": row[TRAJECTORY].text,
                         "reward": row[REWARD].result.reward, "breakdown": row[REWARD].result.breakdown, "status": row.status.value,
+                        **({"turns": row[TRAJECTORY].info["transcript"]} if "transcript" in row[TRAJECTORY].info else {}),
                     } for row in rows])
                     history.append({"step": step, **record})
                     finite = math.isfinite(record["train/loss"])

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rollflow.api import Env, EpisodeContext, RewardResult, Status, SyncEnv, Trajectory
+from rollflow.api.trajectory import ENV, MODEL
 from rollflow.envs.wrap import as_async
 from rollflow.workflows.text import Tokens
 
@@ -44,6 +45,7 @@ class AgentLoop:
         started = time.time()
         ctx.trajectory.prompt(self.tokens.prompt(await ctx.env(env.reset, task)), started)
         rewards: list[float] = []
+        transcript: list[list[str]] = []  # [source, text] per turn after the prompt, for the run's logs
         status, done, finish = Status.OK, False, None
         while len(rewards) < self.max_turns and not done:
             if self.max_context is not None and len(ctx.trajectory.tokens) >= self.max_context:
@@ -52,13 +54,16 @@ class AgentLoop:
             started = time.time()
             generation = await ctx.engine.generate(ctx.trajectory.tokens)
             ctx.trajectory.model(generation, started)
+            transcript.append([MODEL, generation.response_text])
             started = time.time()
             step = await ctx.env(env.step, generation.response_text)
             rewards.append(step.reward)
             status, done = Status(step.info.get("status", Status.OK.value)), step.done
             shown = not done and len(rewards) < self.max_turns
             ctx.trajectory.env(self.tokens.encode(step.observation) if shown else [], started)
+            if shown:
+                transcript.append([ENV, step.observation])
         ret = sum(r * self.discount**k for k, r in enumerate(rewards))
         reward = None if self.score_text else RewardResult(ret, {"return": ret, "turns": float(len(rewards))}, status)
         return ctx.trajectory.build(status=status, reward=reward, finish_reason=finish, turns=len(rewards), done=done,
-                                    turn_rewards=rewards)
+                                    turn_rewards=rewards, transcript=transcript)
