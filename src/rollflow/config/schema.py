@@ -481,7 +481,7 @@ class RuntimeConfig(Section):
     """η: the most versions the trainer may be ahead of any token it trains on (0 = synchronous). 'auto': start
     synchronous, measure generation, scoring and training over the first runtime.auto_steps steps, then keep η = 0,
     move to the η the measured costs and cores favour, or (when the prediction is unclear) try η = 1 for as many
-    steps and keep the faster; the choice is logged with its reason (see docs/architecture.md)."""
+    steps and keep it only if it is 10 % faster (staler samples learn less); the choice is logged with its reason (see docs/architecture.md)."""
     auto_steps: int = Field(3, ge=1)
     """Steps measured before staleness=auto settles η."""
     torch_threads: int = Field(2, ge=1)
