@@ -4,13 +4,17 @@
 
 Every run starts from one SFT checkpoint (made first, once) and trains the same number of samples with the same
 task, model and seed, on Ray, for each staleness bound η (and ``auto``, the default, which starts synchronous and
-settles η after measuring its first steps), in two scenarios:
+settles η after measuring its first steps), in these scenarios:
 
   (a) the built-in task as is;
   (b) the same task with rewards that take a log-normal time per sample (median 0.2 s, σ 0.75, at most 2 s),
       as running generated code would;
   (c) the same with actions that take seconds (median 1 s, at most 4 s), as an agent's training script does
-      (e.g. with ``task.name=program`` and its settings as overrides: on top of running each program in the sandbox).
+      (e.g. with ``task.name=program`` and its settings as overrides: on top of running each program in the sandbox);
+  (d) longer still (median 3 s, at most 10 s), as an ML-engineering agent's training runs.
+
+In (c) and (d) the wait is not CPU (the scripts run elsewhere), so a reward worker waits on 256 samples at once
+(``runtime.reward.concurrency``; the default 64 made the waits queue, and the queue, not the pipeline, the bound).
 
 Threads follow the runtime's defaults: at η = 0 rollout and trainer take turns and each uses every core; at η > 0
 they run at once, each on its share of the cores. Reported per scenario and η:
@@ -40,7 +44,11 @@ SCENARIOS = {
     "a": [],
     "b": ["reward_latency.median=0.2", "reward_latency.sigma=0.75", "reward_latency.max=2.0", "runtime.reward.groups_per_call=1"],
     # actions that run for seconds, as an agent's training script does (with task.name=program: on top of the sandbox)
-    "c": ["reward_latency.median=1.0", "reward_latency.sigma=0.75", "reward_latency.max=4.0", "runtime.reward.groups_per_call=1"],
+    "c": ["reward_latency.median=1.0", "reward_latency.sigma=0.75", "reward_latency.max=4.0", "runtime.reward.groups_per_call=1",
+          "runtime.reward.concurrency=256"],
+    # an ML-engineering agent's training runs
+    "d": ["reward_latency.median=3.0", "reward_latency.sigma=0.75", "reward_latency.max=10.0", "runtime.reward.groups_per_call=1",
+          "runtime.reward.concurrency=256"],
 }
 KEYS = ("samples_per_second", "trainer_busy_fraction", "pipeline_efficiency", "accuracy_final",
         "pipeline_seconds", "producer_busy_seconds", "trainer_busy_seconds", "staleness_chosen", "staleness_reason")
