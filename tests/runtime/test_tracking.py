@@ -97,3 +97,26 @@ def test_read_metrics_drops_cut_off_last_line_only(tmp_path):
     path.write_text('{"step": 0}\n{"ste\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not valid JSON"):
         read_metrics(path)
+
+
+def test_a_resume_within_the_second_of_the_last_event_file_still_purges_the_redone_steps(tmp_path):
+    import time
+
+    from rollflow.runtime.tracking import Resume
+
+    with Tracker(tmp_path, total_steps=6, show_progress=False) as first:
+        for step in range(1, 6):
+            first.log_step(step, {"reward/mean": float(step)})
+    # As if the first run's process had opened its file in the coming second with a higher pid than ours (a run
+    # SIGKILLed moments after it started, resumed at once): TensorBoard reads files in name order.
+    [written] = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    later = written.name.split(".")
+    later[3], later[5] = str(int(time.time()) + 1), "999999999"
+    written.rename(written.with_name(".".join(later)))
+    with Tracker(tmp_path, total_steps=6, show_progress=False, resume=Resume(3, 0, 0)) as resumed:
+        for step in range(4, 7):
+            resumed.log_step(step, {"reward/mean": 10.0 * step})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [
+        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]

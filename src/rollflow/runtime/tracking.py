@@ -17,6 +17,7 @@ Hiding a diverged loss as ``null`` would be worse.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class Tracker:
             _cut(self.run_dir / "rollouts.jsonl", resume.rollouts_bytes)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self._rollouts = open(self.run_dir / "rollouts.jsonl", "a", encoding="utf-8")
+        if resume is not None:
+            _after_existing_events(self.run_dir / "tensorboard")
         self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
                                  purge_step=resume.step + 1 if resume is not None else None)
         self._console = Console()
@@ -147,6 +150,17 @@ class Tracker:
         if "throughput/samples_per_s" in self._live:
             parts.append(f"{self._live['throughput/samples_per_s']:.1f} samples/s")
         return " | ".join(parts) or "training"
+
+
+def _after_existing_events(log_dir: Path) -> None:
+    """Wait, if need be, until a new event file's name sorts after every existing one. TensorBoard reads a directory's
+    files in name order, ``events.out.tfevents.<unix second>.<host>.<pid>...``, and applies a resumed writer's purge
+    only to what it read before it: a run resumed within the second its last file was opened, by a process of a lower
+    pid, had its purge read first and the steps redone after the checkpoint shown twice."""
+    seconds = [int(parts[3]) for f in log_dir.glob("events.out.tfevents.*")
+               if len(parts := f.name.split(".")) > 3 and parts[3].isdigit()]
+    if seconds and (wait := max(seconds) + 1 - time.time()) > 0:
+        time.sleep(wait)
 
 
 def _cut(path: Path, size: int) -> None:
