@@ -1,0 +1,79 @@
+"""PPO for simulator agents: advantages over fixed-length fragments, and the actor-critic loss.
+
+A batch is B fragments of T steps each (``api.Fragment``), laid out (B, T). An episode may end inside a fragment and
+a new one start; the fragment's last step usually ends nothing, and is bootstrapped from the value of the observation
+after it. Two ways an episode ends are kept apart, as Gymnasium does:
+
+- **terminated**: the environment reached a terminal state; nothing follows, the value after it is 0;
+- **truncated**: the episode was cut (a time limit); the state after it still had a future, worth V(s').
+
+``next_values[b, t]`` is V of the observation after step t: for a truncated step the episode's final observation
+(before the reset), otherwise the next step's observation. The recursion never crosses an episode's end.
+
+``tests/algos/test_reference_ppo.py`` holds these functions to ``reference/ppo.py`` (a plain single-file PPO) in
+float64: the same advantages, returns, loss and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fragment_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
+                 ended: torch.Tensor, gamma: float = 0.99, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over (B, T) fragments; returns (advantages, returns),
+    returns = advantages + values (the value targets).
+
+        δ_t = r_t + γ · (1 − terminated_t) · next_values_t − values_t
+        A_t = δ_t + γλ · (1 − ended_t) · A_{t+1}             (A_T = 0: the fragment's end is bootstrapped by δ)
+
+    ``terminated`` and ``ended`` (terminated or truncated) are bool (B, T)."""
+    if not rewards.shape == values.shape == next_values.shape == terminated.shape == ended.shape:
+        raise ValueError(f"fragment_gae needs equal (B, T) shapes, got rewards {tuple(rewards.shape)}, values "
+                         f"{tuple(values.shape)}, next_values {tuple(next_values.shape)}, terminated "
+                         f"{tuple(terminated.shape)}, ended {tuple(ended.shape)}")
+    if bool((terminated & ~ended).any()):
+        raise ValueError("fragment_gae: a step is terminated but not ended; ended must include every terminated step")
+    deltas = rewards + gamma * (~terminated).to(values.dtype) * next_values - values
+    carry = gamma * lam * (~ended).to(values.dtype)
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + carry[:, t] * running
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, entropy: torch.Tensor, clip: float = 0.2,
+             value_clip: float | None = 0.2, value_coef: float = 0.5, entropy_coef: float = 0.0,
+             normalize_advantages: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The PPO actor-critic loss of one minibatch (any shape, every element one step); returns (loss, metrics).
+
+        ρ      = exp(logprobs − old_logprobs)
+        Â      = (A − mean A) / (std A + 1e-8)           with normalize_advantages (over the minibatch)
+        L_pg   = −mean(min(ρ·Â, clip(ρ, 1 − ε, 1 + ε)·Â))
+        L_v    = ½ · mean(max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²))   (no clip: ½ · mean((V − R)²))
+        loss   = L_pg + value_coef · L_v − entropy_coef · mean(entropy)
+    """
+    advantages = advantages.detach()
+    if normalize_advantages and advantages.numel() > 1:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = log_ratio.exp()
+    policy_loss = -torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages).mean()
+    returns, old_values = returns.detach(), old_values.detach()
+    value_error = (values - returns) ** 2
+    if value_clip is not None:
+        clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+        value_error = torch.max(value_error, (clipped - returns) ** 2)
+    value_loss = 0.5 * value_error.mean()
+    entropy_mean = entropy.mean()
+    loss = policy_loss + value_coef * value_loss - entropy_coef * entropy_mean
+    with torch.no_grad():
+        metrics = {
+            "train/policy_loss": float(policy_loss), "train/value_loss": float(value_loss),
+            "train/entropy": float(entropy_mean), "train/clip_frac": float(((ratio - 1.0).abs() > clip).float().mean()),
+            "train/approx_kl": float(((ratio - 1.0) - log_ratio).mean()),  # k3 estimator of KL(old ‖ new)
+        }
+    return loss, metrics

@@ -1,0 +1,110 @@
+"""rollflow's PPO pieces (``algos.ppo``) compute the same numbers as the single-file reference, ``reference/ppo.py``:
+advantages over fragments (B, T) against the reference's time-first (T, N) layout, and the minibatch loss with its
+gradient for every parameter of one float64 actor-critic. A hand-worked case pins the advantage recursion itself,
+so that both sides cannot agree on a wrong formula."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollflow.algos.ppo import fragment_gae, ppo_loss
+
+REFERENCE = Path(__file__).resolve().parents[2] / "reference" / "ppo.py"
+_spec = importlib.util.spec_from_file_location("reference_ppo", REFERENCE)
+ref = importlib.util.module_from_spec(_spec)
+sys.modules["reference_ppo"] = ref  # its dataclass looks its module up while being defined
+_spec.loader.exec_module(ref)
+
+
+def episode_ends(shape, generator):
+    terminated = torch.rand(shape, generator=generator) < 0.1
+    truncated = (torch.rand(shape, generator=generator) < 0.05) & ~terminated
+    return terminated, terminated | truncated
+
+
+def test_fragment_gae_equals_the_reference_in_fragment_layout():
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 32
+    rewards, values, next_values = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    terminated, ended = episode_ends((B, T), g)
+    assert terminated.any() and (ended & ~terminated).any()  # both kinds of end occur
+    adv, ret = fragment_gae(rewards, values, next_values, terminated, ended, gamma=0.97, lam=0.9)
+    ref_adv, ref_ret = ref.gae(rewards.T, values.T, next_values.T, terminated.T, ended.T, gamma=0.97, lam=0.9)
+    torch.testing.assert_close(adv, ref_adv.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ret, ref_ret.T, rtol=0, atol=1e-12)
+
+
+def test_fragment_gae_by_hand():
+    # One fragment of 4 steps, γ = 0.5, λ = 0.5 (γλ = 0.25): step 1 terminates, step 2 is truncated (bootstrapped
+    # from its final observation's value, 4), step 3 is cut by the fragment's end (bootstrapped from 8).
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    next_values = torch.tensor([[2.0, 9.0, 4.0, 8.0]])  # 9 is after a terminal step: never used
+    terminated = torch.tensor([[False, True, False, False]])
+    ended = torch.tensor([[False, True, True, False]])
+    adv, ret = fragment_gae(rewards, values, next_values, terminated, ended, gamma=0.5, lam=0.5)
+    d3 = 4 + 0.5 * 8 - 1  # 7: bootstrapped at the fragment's end
+    d2 = 3 + 0.5 * 4 - 1  # 4: truncated, bootstrapped, and the recursion stops
+    d1 = 2 + 0 - 1  # 1: terminated, nothing after it
+    d0 = 1 + 0.5 * 2 - 1  # 1
+    expected = torch.tensor([[d0 + 0.25 * d1, d1, d2, d3]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, expected + values)
+
+
+def test_fragment_gae_refuses_mismatched_inputs():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"equal \(B, T\) shapes.*values \(2, 4\)"):
+        fragment_gae(x, torch.zeros(2, 4), x, x.bool(), x.bool())
+    with pytest.raises(ValueError, match="terminated but not ended"):
+        fragment_gae(x, x, x, torch.ones(2, 3, dtype=torch.bool), x.bool())
+
+
+@pytest.mark.parametrize("value_clip, entropy_coef", [(0.2, 0.01), (None, 0.0)])
+def test_ppo_loss_and_gradients_equal_the_reference(value_clip, entropy_coef):
+    torch.manual_seed(0)
+    agent = ref.Agent(obs_size=4, actions=3, hidden=16).double()
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    obs = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    actions = torch.randint(0, 3, (n,), generator=g)
+    with torch.no_grad():  # the behaviour: the same agent before a few updates, perturbed
+        old_logprobs, _, old_values = agent.evaluate(obs, actions)
+        old_logprobs = old_logprobs + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)  # ratios beyond the clip
+        old_values = old_values + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    advantages = torch.randn(n, generator=g, dtype=torch.float64)
+    returns = old_values + advantages
+    cfg = ref.PPOConfig(clip=0.2, value_clip=value_clip, value_coef=0.5, entropy_coef=entropy_coef)
+
+    agent.zero_grad()
+    ref_loss = ref.minibatch_loss(agent, obs, actions, old_logprobs, old_values, advantages, returns, cfg)
+    ref_loss.backward()
+    ref_grads = [p.grad.clone() for p in agent.parameters()]
+
+    agent.zero_grad()
+    logprobs, entropy, values = agent.evaluate(obs, actions)
+    loss, metrics = ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, entropy, clip=0.2,
+                             value_clip=value_clip, value_coef=0.5, entropy_coef=entropy_coef)
+    loss.backward()
+
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    for p, expected in zip(agent.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-12)
+    assert 0.05 < metrics["train/clip_frac"] < 0.95  # the perturbation put some ratios outside the clip, not all
+
+
+@pytest.mark.slow
+def test_the_reference_learns_cartpole():
+    # The baseline the simulator recipe is measured against must itself be a good PPO: 475 is CartPole-v1's
+    # "solved" return (the episode cap is 500).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        history = ref.train("CartPole-v1", total_steps=120_000, seed=0, log_every=0)
+    finally:
+        torch.set_num_threads(threads)
+    first, last = history[0][2], history[-1][2]
+    assert first < 100 and last >= 475, (first, last)
