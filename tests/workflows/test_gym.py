@@ -93,6 +93,46 @@ def test_fragments_continue_the_same_episode_across_calls():
     assert torch.equal(first.versions, torch.zeros(5, dtype=torch.long))
 
 
+def test_fragments_tell_termination_from_truncation_and_keep_the_final_observations():
+    # 3 steps at most: an always-right walk from far left is cut (truncated), from near the end it arrives (terminated)
+    loop = asyncio.new_event_loop()
+    workflow = GymFragments(functools.partial(Corridor, CELLS, 3), steps=12, seed=3)
+    worker = RolloutWorker(AlwaysRight(), InlineWeightTransport(), workflow)
+    try:
+        [fragment] = rollout_once(loop, worker, [0])
+    finally:
+        loop.close()
+    env = Corridor(CELLS, 3)
+    observation, terminated, truncated, after = env.reset(seed=3)[0], [], [], []
+    for _ in range(12):
+        observation, _, term, trunc, _ = env.step(RIGHT)
+        terminated.append(term)
+        truncated.append(trunc)
+        after.append(torch.as_tensor(observation, dtype=torch.float32))  # before any reset
+        if term or trunc:
+            observation = env.reset()[0]
+    assert any(terminated) and any(truncated)  # both kinds of end in this fragment
+    assert fragment.terminated.tolist() == terminated and fragment.truncated.tolist() == truncated
+    assert torch.equal(fragment.next_observations(), torch.stack(after))
+    assert not torch.equal(fragment.next_observations(), fragment.observations[1:])  # the resets are not what follows
+    assert fragment.final_observations.shape == (sum(terminated) + sum(truncated), CELLS)
+
+
+def test_a_fragment_checks_its_episode_end_columns():
+    obs, T = torch.zeros(4, 2), 3
+    common = dict(actions=torch.zeros(T), rewards=torch.zeros(T), logprobs=torch.zeros(T),
+                  versions=torch.zeros(T, dtype=torch.long))
+    dones = torch.tensor([False, True, False])
+    legacy = Fragment(obs, dones=dones, **common)  # no terminated: every end counts as terminal
+    assert legacy.terminated.tolist() == [False, True, False] and not legacy.truncated.any()
+    with pytest.raises(ValueError, match="no final_observations"):
+        legacy.next_observations()
+    with pytest.raises(ValueError, match="terminated within dones"):
+        Fragment(obs, dones=dones, terminated=torch.tensor([True, False, False]), **common)
+    with pytest.raises(ValueError, match=r"1 episode ends needs final_observations of shape \(1, 2\); got \(2, 2\)"):
+        Fragment(obs, dones=dones, final_observations=torch.zeros(2, 2), **common)
+
+
 def test_concurrent_episodes_each_get_their_own_environment():
     loop = asyncio.new_event_loop()
     workflow = GymFragments(functools.partial(Corridor, CELLS, MAX_STEPS), steps=3, seed=0)

@@ -134,7 +134,12 @@ class Fragment:
     """T consecutive steps of one simulator environment (an episode may end and restart inside it).
 
     ``observations`` holds T + 1 observations: the one each action saw, and the one after the last step (for
-    bootstrapping a value). ``dones[t]``: the episode ended with step t (terminated or truncated)."""
+    bootstrapping a value). ``dones[t]``: the episode ended with step t (terminated or truncated);
+    ``terminated[t]``: it ended in a terminal state (nothing follows; a truncated episode, cut by a time limit, still
+    had a future worth bootstrapping). ``final_observations``: the last observation of each episode that ended, in
+    step order (the environment was reset right after, so ``observations[t + 1]`` is the next episode's first);
+    ``next_observations()`` puts them in place. Without ``terminated`` every end counts as terminal; without
+    ``final_observations`` an ended episode has no observation after it (``next_observations`` refuses)."""
 
     observations: torch.Tensor  # (T + 1, *obs)
     actions: torch.Tensor  # (T, *act)
@@ -142,6 +147,8 @@ class Fragment:
     dones: torch.Tensor  # (T,) bool
     logprobs: torch.Tensor  # (T,) behaviour log-prob of each action
     versions: torch.Tensor  # (T,) long, policy version that chose each action
+    terminated: torch.Tensor | None = None  # (T,) bool, a subset of dones; None: every done is terminal
+    final_observations: torch.Tensor | None = None  # (number of dones, *obs)
     started: float = 0.0
     finished: float = 0.0
     episode_returns: list[float] = field(default_factory=list)  # undiscounted returns of episodes that ended in it
@@ -157,6 +164,34 @@ class Fragment:
             raise ValueError(f"fragment of {T} steps needs {T + 1} observations and ({T},) rewards, dones, logprobs, "
                              f"versions; got {self.observations.shape[0]}, {tuple(self.rewards.shape)}, "
                              f"{tuple(self.dones.shape)}, {tuple(self.logprobs.shape)}, {tuple(self.versions.shape)}")
+        if self.terminated is None:
+            self.terminated = self.dones.bool().clone()
+        elif self.terminated.shape != (T,) or bool((self.terminated.bool() & ~self.dones.bool()).any()):
+            raise ValueError(f"fragment of {T} steps needs ({T},) terminated within dones (a terminated step is done); "
+                             f"got shape {tuple(self.terminated.shape)}")
+        ends = int(self.dones.bool().sum())
+        if self.final_observations is not None and (
+                self.final_observations.shape[0] != ends or self.final_observations.shape[1:] != self.observations.shape[1:]):
+            raise ValueError(f"fragment with {ends} episode ends needs final_observations of shape "
+                             f"({ends}, {', '.join(map(str, self.observations.shape[1:]))}); "
+                             f"got {tuple(self.final_observations.shape)}")
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """(T,) bool: the episode was cut with step t (done, not terminated)."""
+        return self.dones.bool() & ~self.terminated.bool()
+
+    def next_observations(self) -> torch.Tensor:
+        """(T, *obs): the observation after each step, before any reset: ``observations[1:]`` with each ended step's
+        final observation in its place (what a value bootstraps from after a truncation)."""
+        after = self.observations[1:].clone()
+        ended = self.dones.bool()
+        if bool(ended.any()):
+            if self.final_observations is None:
+                raise ValueError("this fragment has episode ends but no final_observations: the observation after an "
+                                 "ended step is unknown (record them in the workflow, as GymFragments does)")
+            after[ended] = self.final_observations.to(after.dtype)
+        return after
 
     @property
     def version(self) -> int:

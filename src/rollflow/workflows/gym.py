@@ -45,15 +45,19 @@ class GymFragments:
         slot = self._free.pop() if self._free else await self._new(ctx)
         started = time.time()
         observations, actions, rewards, dones, logprobs, versions = [slot.observation], [], [], [], [], []
+        terminals: list[bool] = []
+        finals: list[torch.Tensor] = []  # each ended episode's last observation, before the reset
         episode_returns: list[float] = []
         for _ in range(self.steps):
             action, logprob, version = await ctx.engine.act(slot.observation)
             observation, reward, terminated, truncated, _ = await ctx.env(slot.env.step, _env_action(action))
             slot.episode_return += float(reward)
             done = bool(terminated or truncated)
+            terminals.append(bool(terminated))
             if done:
                 episode_returns.append(slot.episode_return)
                 slot.episode_return = 0.0
+                finals.append(torch.as_tensor(observation, dtype=torch.float32))
                 observation, _ = await ctx.env(slot.env.reset)
             slot.observation = torch.as_tensor(observation, dtype=torch.float32)
             observations.append(slot.observation)
@@ -70,6 +74,8 @@ class GymFragments:
             dones=torch.tensor(dones),  # (T,)
             logprobs=torch.tensor(logprobs),  # (T,)
             versions=torch.tensor(versions, dtype=torch.long),  # (T,)
+            terminated=torch.tensor(terminals),  # (T,)
+            final_observations=torch.stack(finals) if finals else slot.observation.new_empty((0, *slot.observation.shape)),
             started=started, finished=time.time(), episode_returns=episode_returns,
         )
 
