@@ -108,3 +108,37 @@ def test_the_reference_learns_cartpole():
         torch.set_num_threads(threads)
     first, last = history[0][2], history[-1][2]
     assert first < 100 and last >= 475, (first, last)
+
+
+def test_ppo_step_bootstraps_a_truncated_episode_from_its_final_observation():
+    from rollflow.algos.ppo import PPOStep
+    from rollflow.api import Fragment, SampleRow
+    from rollflow.engines.policy import ActorCriticMLP, TorchPolicyTrainer
+
+    g = torch.Generator().manual_seed(0)
+    T = 6
+    fragment = Fragment(
+        observations=torch.randn(T + 1, 4, generator=g), actions=torch.randint(0, 2, (T,), generator=g),
+        rewards=torch.randn(T, generator=g), dones=torch.tensor([False, True, False, True, False, False]),
+        logprobs=torch.full((T,), -0.7), versions=torch.zeros(T, dtype=torch.long),
+        terminated=torch.tensor([False, True, False, False, False, False]),  # step 3 is a time-limit cut
+        final_observations=torch.randn(2, 4, generator=g))
+    trainer = TorchPolicyTrainer(ActorCriticMLP(4, 2, (8,)), lr=1e-3)
+    seen = []
+    train_step = trainer.train_step
+    trainer.train_step = lambda batch, *a, **k: seen.append(batch) or train_step(batch, *a, **k)
+    step = PPOStep(gamma=0.9, lam=0.8, minibatches=1, epochs=1)
+    with torch.no_grad():
+        values = trainer.model.value(fragment.observations[:-1])
+        after = fragment.observations[1:].clone()
+        after[[1, 3]] = fragment.final_observations  # the observations before each reset
+        next_values = trainer.model.value(after)
+        at_reset = trainer.model.value(fragment.observations[4:5]).item()  # the next episode's first observation
+    metrics = step([[SampleRow(0, 0, {"task": 0, "fragment": fragment}, {})]], trainer, None)
+    expected, _ = fragment_gae(fragment.rewards[None], values[None], next_values[None], fragment.terminated[None],
+                               fragment.dones[None], gamma=0.9, lam=0.8)
+    [batch] = seen
+    torch.testing.assert_close(batch.advantages, expected[0])
+    torch.testing.assert_close(batch.returns, expected[0] + values)
+    assert trainer.version == 1 and metrics["episode/count"] == 0.0 and "train/policy_loss" in metrics
+    assert abs(next_values[3].item() - at_reset) > 1e-4  # bootstrapping from the reset would have given another value

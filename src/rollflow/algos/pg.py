@@ -68,12 +68,7 @@ class PolicyGradientStep:
 
     def __call__(self, groups: list[list[SampleRow]], engine: PolicyTrainEngine,
                  critic: CriticEngine | None) -> dict[str, float]:
-        rows = [r for g in groups for r in g]
-        fragments = [self._fragment(r) for r in rows]
-        kept = [f for f in fragments if f is not None]
-        if not kept:
-            raise RuntimeError(f"no row of this step holds a fragment (statuses: {[r.status.value for r in rows]}): "
-                               "every episode failed or timed out; check the environment and the rollout limits")
+        rows, kept = kept_fragments(groups, self.column, type(self).__name__)
         returns = torch.cat([returns_to_go(f.rewards, f.dones, self.gamma) for f in kept])  # (N,)
         batch = StepBatch.from_fragments(kept, normalised(returns, self.scale_by_std))
 
@@ -84,20 +79,37 @@ class PolicyGradientStep:
         trained_at = engine.version
         lag = trained_at - batch.versions  # (N,) versions behind the trainer
         metrics = engine.train_step(batch, loss, self.minibatches, self.epochs)
-        episode_returns = [x for f in kept for x in f.episode_returns]
-        metrics["episode/count"] = float(len(episode_returns))
-        if episode_returns:  # no episode may end within a step's fragments; then there is no mean to report
-            metrics["episode/return_mean"] = sum(episode_returns) / len(episode_returns)
-        metrics["fragment/masked"] = float(len(rows) - len(kept))
+        metrics.update(episode_metrics(rows, kept))
         metrics["fragment/return_to_go_mean"] = returns.mean().item()
         metrics.update(staleness_metrics(trained_at, [f.version for f in kept], lag))
         return metrics
 
-    def _fragment(self, row: SampleRow) -> Fragment | None:
-        value = row[self.column]
-        if isinstance(value, Fragment):
-            return value
-        if row.status is not Status.OK:
-            return None
-        raise TypeError(f"row {row.uid}: column '{self.column}' holds a {type(value).__name__}, not a Fragment; "
-                        "PolicyGradientStep trains simulator agents (give it a workflow such as workflows.GymFragments)")
+
+def fragment_of(row: SampleRow, column: str, step: str) -> Fragment | None:
+    """The row's fragment; None for a row an infrastructure fault or a timeout left without one (its status says so)."""
+    value = row[column]
+    if isinstance(value, Fragment):
+        return value
+    if row.status is not Status.OK:
+        return None
+    raise TypeError(f"row {row.uid}: column '{column}' holds a {type(value).__name__}, not a Fragment; "
+                    f"{step} trains simulator agents (give it a workflow such as workflows.GymFragments)")
+
+
+def kept_fragments(groups: list[list[SampleRow]], column: str, step: str) -> tuple[list[SampleRow], list[Fragment]]:
+    """(every row, the fragments of those that have one); an error if none has."""
+    rows = [r for g in groups for r in g]
+    kept = [f for f in (fragment_of(r, column, step) for r in rows) if f is not None]
+    if not kept:
+        raise RuntimeError(f"no row of this step holds a fragment (statuses: {[r.status.value for r in rows]}): "
+                           "every episode failed or timed out; check the environment and the rollout limits")
+    return rows, kept
+
+
+def episode_metrics(rows: list[SampleRow], kept: list[Fragment]) -> dict[str, float]:
+    """Episodes that ended in the step's fragments (count, mean return) and the fragments masked."""
+    returns = [x for f in kept for x in f.episode_returns]
+    metrics = {"episode/count": float(len(returns)), "fragment/masked": float(len(rows) - len(kept))}
+    if returns:  # no episode may end within a step's fragments; then there is no mean to report
+        metrics["episode/return_mean"] = sum(returns) / len(returns)
+    return metrics

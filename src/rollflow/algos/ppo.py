@@ -11,12 +11,19 @@ after it. Two ways an episode ends are kept apart, as Gymnasium does:
 (before the reset), otherwise the next step's observation. The recursion never crosses an episode's end.
 
 ``tests/algos/test_reference_ppo.py`` holds these functions to ``reference/ppo.py`` (a plain single-file PPO) in
-float64: the same advantages, returns, loss and gradients.
+float64: the same advantages, returns, loss and gradients. ``PPOStep`` is the trainer's step on rows holding
+fragments, with an actor-critic policy (``engines.policy.ActorCriticMLP``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from rollflow.algos.pg import episode_metrics, kept_fragments
+from rollflow.algos.policy_step import staleness_metrics
+from rollflow.api import CriticEngine, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
 
 
 def fragment_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
@@ -77,3 +84,65 @@ def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: tor
             "train/approx_kl": float(((ratio - 1.0) - log_ratio).mean()),  # k3 estimator of KL(old ‖ new)
         }
     return loss, metrics
+
+
+@dataclass(frozen=True)
+class PPOStep:
+    """``api.TrainStep`` for rows whose ``column`` holds a ``Fragment``, with an actor-critic policy engine
+    (``engines.policy.TorchPolicyTrainer`` over ``ActorCriticMLP``): values of every observation and of the one after
+    each step (``Fragment.next_observations``: a truncated episode bootstraps from its final observation) under the
+    current weights → ``fragment_gae`` per fragment → ``epochs`` passes of ``minibatches`` updates on ``ppo_loss``.
+
+    π_old is the behaviour policy (the log-probs the rollout engine recorded): with η > 0 the ratio also carries the
+    version lag, and the clip bounds how far a stale action can move the policy. A row left without a fragment by an
+    infrastructure fault or a timeout is masked."""
+
+    gamma: float = 0.99
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    normalize_advantages: bool = True
+    minibatches: int = 4
+    epochs: int = 4
+    column: str = "fragment"
+
+    def __call__(self, groups: list[list[SampleRow]], engine: PolicyTrainEngine,
+                 critic: CriticEngine | None) -> dict[str, float]:
+        rows, kept = kept_fragments(groups, self.column, type(self).__name__)
+        values = engine.compute_values(torch.cat([f.observations[:-1] for f in kept]))  # type: ignore[attr-defined]
+        next_values = engine.compute_values(torch.cat([f.next_observations() for f in kept]))  # type: ignore[attr-defined]
+        advantages, returns, at = [], [], 0
+        for f in kept:  # fragments may differ in length: one (1, T) row each
+            v, nv = values[at:at + f.size][None], next_values[at:at + f.size][None]
+            a, r = fragment_gae(f.rewards[None].to(v.dtype), v, nv, f.terminated[None].bool(), f.dones[None].bool(),
+                                self.gamma, self.lam)
+            advantages.append(a[0])
+            returns.append(r[0])
+            at += f.size
+        batch = StepBatch.from_fragments(kept, torch.cat(advantages))
+        batch.returns, batch.old_values = torch.cat(returns), values
+
+        def loss(logp: torch.Tensor, entropy: torch.Tensor, mb: StepBatch, v: torch.Tensor) -> LossOutput:
+            total, metrics = ppo_loss(logp, mb.behav_logprobs, mb.advantages, v, mb.old_values, mb.returns, entropy,
+                                      self.clip, self.value_clip, self.value_coef, self.entropy_coef,
+                                      self.normalize_advantages)
+            return LossOutput(total, metrics)
+
+        loss.needs_values = True  # type: ignore[attr-defined]
+        trained_at = engine.version
+        lag = trained_at - batch.versions  # (N,) versions behind the trainer
+        metrics = engine.train_step(batch, loss, self.minibatches, self.epochs)
+        metrics.update(episode_metrics(rows, kept))
+        metrics["value/mean"] = values.mean().item()
+        metrics["value/explained_variance"] = explained_variance(values, batch.returns)
+        metrics.update(staleness_metrics(trained_at, [f.version for f in kept], lag))
+        return metrics
+
+
+def explained_variance(predicted: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 − Var(targets − predicted) / Var(targets): 1 for a perfect critic, 0 for one that predicts the mean, NaN
+    when the targets do not vary."""
+    var = targets.var()
+    return float(1.0 - (targets - predicted).var() / var) if var > 0 else float("nan")

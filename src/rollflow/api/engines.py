@@ -88,6 +88,8 @@ class StepBatch:
     advantages: torch.Tensor  # (N,)
     behav_logprobs: torch.Tensor  # (N,) recorded by the rollout engine
     versions: torch.Tensor  # (N,) long, policy version that chose each action
+    returns: torch.Tensor | None = None  # (N,) value targets, for an actor-critic loss
+    old_values: torch.Tensor | None = None  # (N,) the value estimates the advantages were computed with
 
     def __len__(self) -> int:
         return self.actions.shape[0]
@@ -120,7 +122,9 @@ def _shuffled_split(batch: _Batch, n: int, generator: torch.Generator | None) ->
 
 
 # (log-probs of the taken actions (N,), entropies (N,), the steps) -> loss. Written by algos/, called by the trainer.
-StepLossFn = Callable[[torch.Tensor, torch.Tensor, StepBatch], LossOutput]
+# A loss with the attribute ``needs_values = True`` (actor-critic) is also given the values V(s) (N,) of the steps'
+# observations, with gradient, as a fourth argument; the trainer's model must then have a ``value`` method.
+StepLossFn = Callable[..., LossOutput]
 
 
 class PolicyTrainEngine(Protocol):

@@ -34,6 +34,22 @@ class CategoricalMLP(torch.nn.Module):
         return self.net(observations.float())  # (B, actions)
 
 
+class ActorCriticMLP(torch.nn.Module):
+    """A categorical policy (``forward``: observations → logits, as ``CategoricalMLP``) and a value function
+    (``value``: observations → V (B,)) on separate MLP trunks of ``hidden`` units per layer, as PPO uses them."""
+
+    def __init__(self, obs_dim: int, actions: int, hidden: tuple[int, ...] = (64, 64), seed: int = 0) -> None:
+        super().__init__()
+        self.actor = CategoricalMLP(obs_dim, actions, hidden, seed)
+        self.critic = CategoricalMLP(obs_dim, 1, hidden, seed + 1)  # one output: the value
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.actor(observations)  # (B, actions)
+
+    def value(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.critic(observations).squeeze(-1)  # (B,)
+
+
 def action_logprobs(model: torch.nn.Module, observations: torch.Tensor,
                     actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (B,) of ``actions`` (B,) given ``observations`` (B, *obs) under ``model``, and the entropies (B,)."""
@@ -69,11 +85,23 @@ class TorchPolicyTrainer(AdamWTrainer):
         """``epochs`` passes over ``batch``, each cut into ``minibatches`` updates at ``lr_scale`` × the learning
         rate; then version += 1."""
 
+        needs_values = getattr(loss_fn, "needs_values", False)
+        if needs_values and not callable(getattr(self.model, "value", None)):
+            raise TypeError(f"this loss needs values, but the policy ({type(self.model).__name__}) has no value head; "
+                            "use an actor-critic model such as engines.policy.ActorCriticMLP")
+
         def loss(mb: StepBatch) -> LossOutput:
             logp, entropy = action_logprobs(self.model, mb.observations, mb.actions)
+            if needs_values:
+                return loss_fn(logp, entropy, mb, self.model.value(mb.observations))
             return loss_fn(logp, entropy, mb)
 
         return self._updates(batch, loss, minibatches, epochs, lr_scale)
+
+    @torch.no_grad()
+    def compute_values(self, observations: torch.Tensor) -> torch.Tensor:
+        """V (N,) of ``observations`` (N, *obs) under the current weights of an actor-critic model."""
+        return self.model.value(observations)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: StepBatch) -> torch.Tensor:
