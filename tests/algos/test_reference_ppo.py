@@ -142,3 +142,57 @@ def test_ppo_step_bootstraps_a_truncated_episode_from_its_final_observation():
     torch.testing.assert_close(batch.returns, expected[0] + values)
     assert trainer.version == 1 and metrics["episode/count"] == 0.0 and "train/policy_loss" in metrics
     assert abs(next_values[3].item() - at_reset) > 1e-4  # bootstrapping from the reset would have given another value
+
+
+def vtrace_by_sums(mu, pi, rewards, values, next_values, terminated, ended, gamma, rho_bar, c_bar):
+    """IMPALA's definition, written as its sum rather than a recursion, for one fragment (T,):
+    vs_s = V_s + Σ_{t ≥ s, same episode} γ^{t−s} (Π_{s ≤ i < t} c_i) δ_t."""
+    T = len(rewards)
+    ratio = (pi - mu).exp()
+    rho, c = ratio.clamp(max=rho_bar), ratio.clamp(max=c_bar)
+    delta = [rho[t] * (rewards[t] + gamma * (0.0 if terminated[t] else next_values[t]) - values[t]) for t in range(T)]
+    vs = []
+    for s in range(T):
+        total, weight = 0.0, 1.0
+        for t in range(s, T):
+            total += weight * delta[t]
+            if ended[t]:
+                break
+            weight *= gamma * c[t]
+        vs.append(values[s] + total)
+    return torch.stack(vs)
+
+
+@pytest.mark.parametrize("rho_bar, c_bar", [(1.0, 1.0), (2.0, 0.9)])
+def test_vtrace_equals_its_definition_as_sums(rho_bar, c_bar):
+    from rollflow.algos.ppo import vtrace
+
+    g = torch.Generator().manual_seed(2)
+    B, T = 3, 20
+    mu, pi = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 for _ in range(2))
+    rewards, values, next_values = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    terminated, ended = episode_ends((B, T), g)
+    vs, adv = vtrace(mu, pi, rewards, values, next_values, terminated, ended, 0.9, rho_bar, c_bar)
+    for b in range(B):
+        expected = vtrace_by_sums(mu[b], pi[b], rewards[b], values[b], next_values[b], terminated[b], ended[b], 0.9,
+                                  rho_bar, c_bar)
+        torch.testing.assert_close(vs[b], expected, rtol=0, atol=1e-12)
+        rho = (pi[b] - mu[b]).exp().clamp(max=rho_bar)
+        following = torch.cat([expected[1:], next_values[b, -1:]])
+        following = torch.where(ended[b], next_values[b], following)
+        live = (~terminated[b]).double()
+        torch.testing.assert_close(adv[b], rho * (rewards[b] + 0.9 * live * following - values[b]),
+                                   rtol=0, atol=1e-12)
+
+
+def test_vtrace_on_policy_is_the_lambda_one_gae_return():
+    from rollflow.algos.ppo import vtrace
+
+    g = torch.Generator().manual_seed(3)
+    B, T = 4, 16
+    logp = torch.randn(B, T, generator=g, dtype=torch.float64)
+    rewards, values, next_values = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(3))
+    terminated, ended = episode_ends((B, T), g)
+    vs, _ = vtrace(logp, logp, rewards, values, next_values, terminated, ended, gamma=0.95)
+    _, returns = fragment_gae(rewards, values, next_values, terminated, ended, gamma=0.95, lam=1.0)
+    torch.testing.assert_close(vs, returns, rtol=0, atol=1e-12)

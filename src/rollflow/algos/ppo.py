@@ -10,7 +10,8 @@ after it. Two ways an episode ends are kept apart, as Gymnasium does:
 ``next_values[b, t]`` is V of the observation after step t: for a truncated step the episode's final observation
 (before the reset), otherwise the next step's observation. The recursion never crosses an episode's end.
 
-``tests/algos/test_reference_ppo.py`` holds these functions to ``reference/ppo.py`` (a plain single-file PPO) in
+``vtrace`` gives IMPALA's off-policy targets for actions of an older policy. ``tests/algos/test_reference_ppo.py`` holds
+the PPO functions to ``reference/ppo.py`` (a plain single-file PPO) in
 float64: the same advantages, returns, loss and gradients. ``PPOStep`` is the trainer's step on rows holding
 fragments, with an actor-critic policy (``engines.policy.ActorCriticMLP``).
 """
@@ -49,6 +50,39 @@ def fragment_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch
         running = deltas[:, t] + carry[:, t] * running
         advantages[:, t] = running
     return advantages, advantages + values
+
+
+def vtrace(behav_logprobs: torch.Tensor, logprobs: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor,
+           next_values: torch.Tensor, terminated: torch.Tensor, ended: torch.Tensor, gamma: float = 0.99,
+           rho_bar: float = 1.0, c_bar: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-trace targets and policy-gradient advantages (Espeholt et al. 2018, IMPALA §4.1) over (B, T) fragments whose
+    actions came from a behaviour policy μ (``behav_logprobs``) older than π (``logprobs``); returns (vs, advantages).
+
+        ρ_t = min(ρ̄, π/μ),  c_t = min(c̄, π/μ),  δ_t = ρ_t · (r_t + γ · (1 − terminated_t) · next_values_t − V_t)
+        vs_t − V_t = δ_t + γ · (1 − ended_t) · c_t · (vs_{t+1} − V_{t+1})          (0 after the fragment's end)
+        A_t = ρ_t · (r_t + γ · (1 − terminated_t) · v'_{t+1} − V_t),   v'_{t+1} = vs_{t+1} inside an episode and
+              next_values_t where it ended or the fragment ends
+
+    With π = μ and ρ̄ = c̄ = 1, vs is the λ = 1 GAE return (tested). Ends as in ``fragment_gae``."""
+    if not (behav_logprobs.shape == logprobs.shape == rewards.shape == values.shape == next_values.shape
+            == terminated.shape == ended.shape):
+        raise ValueError("vtrace needs equal (B, T) shapes of every input")
+    ratio = (logprobs - behav_logprobs).detach().exp()
+    rho, c = ratio.clamp(max=rho_bar), ratio.clamp(max=c_bar)
+    live = (~terminated).to(values.dtype)
+    carry = gamma * (~ended).to(values.dtype) * c
+    deltas = rho * (rewards + gamma * live * next_values - values)
+    corrections = torch.zeros_like(values)  # vs − V
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        running = deltas[:, t] + carry[:, t] * running
+        corrections[:, t] = running
+    vs = values + corrections
+    following = next_values.clone()  # v'_{t+1}: vs_{t+1} where the episode goes on inside the fragment
+    inside = ~ended[:, :-1]
+    following[:, :-1] = torch.where(inside, vs[:, 1:], next_values[:, :-1])
+    advantages = rho * (rewards + gamma * live * following - values)
+    return vs.detach(), advantages.detach()
 
 
 def ppo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
