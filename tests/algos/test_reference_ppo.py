@@ -196,3 +196,34 @@ def test_vtrace_on_policy_is_the_lambda_one_gae_return():
     vs, _ = vtrace(logp, logp, rewards, values, next_values, terminated, ended, gamma=0.95)
     _, returns = fragment_gae(rewards, values, next_values, terminated, ended, gamma=0.95, lam=1.0)
     torch.testing.assert_close(vs, returns, rtol=0, atol=1e-12)
+
+
+def test_appo_step_trains_on_vtrace_targets_of_the_current_policy():
+    from rollflow.algos.ppo import APPOStep, vtrace
+    from rollflow.api import Fragment, SampleRow
+    from rollflow.engines.policy import ActorCriticMLP, TorchPolicyTrainer, action_logprobs
+
+    g = torch.Generator().manual_seed(4)
+    T = 8
+    fragment = Fragment(
+        observations=torch.randn(T + 1, 4, generator=g), actions=torch.randint(0, 2, (T,), generator=g),
+        rewards=torch.randn(T, generator=g), dones=torch.tensor([False, False, True] + [False] * 5),
+        logprobs=torch.log(torch.rand(T, generator=g) * 0.8 + 0.1),  # a behaviour policy other than the trained one
+        versions=torch.zeros(T, dtype=torch.long), terminated=torch.tensor([False, False, True] + [False] * 5),
+        final_observations=torch.randn(1, 4, generator=g))
+    trainer = TorchPolicyTrainer(ActorCriticMLP(4, 2, (8,)), lr=1e-3)
+    seen = []
+    train_step = trainer.train_step
+    trainer.train_step = lambda batch, *a, **k: seen.append(batch) or train_step(batch, *a, **k)
+    with torch.no_grad():
+        target, _ = action_logprobs(trainer.model, fragment.observations[:-1], fragment.actions)
+        values = trainer.model.value(fragment.observations[:-1])
+        next_values = trainer.model.value(fragment.next_observations())
+    metrics = APPOStep(gamma=0.9, rho_bar=1.0, c_bar=1.0)([[SampleRow(0, 0, {"task": 0, "fragment": fragment}, {})]],
+                                                          trainer, None)
+    vs, adv = vtrace(fragment.logprobs[None], target[None], fragment.rewards[None], values[None], next_values[None],
+                     fragment.terminated[None], fragment.dones[None], gamma=0.9)
+    [batch] = seen
+    torch.testing.assert_close(batch.returns, vs[0])
+    torch.testing.assert_close(batch.advantages, adv[0])
+    assert 0.0 < metrics["vtrace/rho_clipped"] < 1.0  # some actions likelier under π than under μ, some less

@@ -13,7 +13,8 @@ after it. Two ways an episode ends are kept apart, as Gymnasium does:
 ``vtrace`` gives IMPALA's off-policy targets for actions of an older policy. ``tests/algos/test_reference_ppo.py`` holds
 the PPO functions to ``reference/ppo.py`` (a plain single-file PPO) in
 float64: the same advantages, returns, loss and gradients. ``PPOStep`` is the trainer's step on rows holding
-fragments, with an actor-critic policy (``engines.policy.ActorCriticMLP``).
+fragments, with an actor-critic policy (``engines.policy.ActorCriticMLP``); ``APPOStep`` the same with V-trace's
+targets, for stale fragments.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from rollflow.algos.pg import episode_metrics, kept_fragments
 from rollflow.algos.policy_step import staleness_metrics
-from rollflow.api import CriticEngine, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
+from rollflow.api import CriticEngine, Fragment, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
 
 
 def fragment_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor, terminated: torch.Tensor,
@@ -145,8 +146,7 @@ class PPOStep:
     def __call__(self, groups: list[list[SampleRow]], engine: PolicyTrainEngine,
                  critic: CriticEngine | None) -> dict[str, float]:
         rows, kept = kept_fragments(groups, self.column, type(self).__name__)
-        values = engine.compute_values(torch.cat([f.observations[:-1] for f in kept]))  # type: ignore[attr-defined]
-        next_values = engine.compute_values(torch.cat([f.next_observations() for f in kept]))  # type: ignore[attr-defined]
+        values, next_values = fragment_values(engine, kept)
         advantages, returns, at = [], [], 0
         for f in kept:  # fragments may differ in length: one (1, T) row each
             v, nv = values[at:at + f.size][None], next_values[at:at + f.size][None]
@@ -157,22 +157,77 @@ class PPOStep:
             at += f.size
         batch = StepBatch.from_fragments(kept, torch.cat(advantages))
         batch.returns, batch.old_values = torch.cat(returns), values
+        return actor_critic_update(self, engine, rows, kept, batch)
 
-        def loss(logp: torch.Tensor, entropy: torch.Tensor, mb: StepBatch, v: torch.Tensor) -> LossOutput:
-            total, metrics = ppo_loss(logp, mb.behav_logprobs, mb.advantages, v, mb.old_values, mb.returns, entropy,
-                                      self.clip, self.value_clip, self.value_coef, self.entropy_coef,
-                                      self.normalize_advantages)
-            return LossOutput(total, metrics)
 
-        loss.needs_values = True  # type: ignore[attr-defined]
-        trained_at = engine.version
-        lag = trained_at - batch.versions  # (N,) versions behind the trainer
-        metrics = engine.train_step(batch, loss, self.minibatches, self.epochs)
-        metrics.update(episode_metrics(rows, kept))
-        metrics["value/mean"] = values.mean().item()
-        metrics["value/explained_variance"] = explained_variance(values, batch.returns)
-        metrics.update(staleness_metrics(trained_at, [f.version for f in kept], lag))
+@dataclass(frozen=True)
+class APPOStep:
+    """Asynchronous PPO (IMPALA's V-trace under PPO's clip): like ``PPOStep``, but the value targets and advantages
+    are V-trace's (``vtrace``), which correct for actions chosen by an older policy version than the one trained
+    (π: the current weights before the step; μ: the recorded behaviour log-probs), so a larger staleness bound η
+    costs less. The ratio in the clipped surrogate is π_θ / μ, as in ``PPOStep``."""
+
+    gamma: float = 0.99
+    clip: float = 0.2
+    rho_bar: float = 1.0
+    c_bar: float = 1.0
+    value_clip: float | None = None
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    normalize_advantages: bool = True
+    minibatches: int = 2
+    epochs: int = 1
+    column: str = "fragment"
+
+    def __call__(self, groups: list[list[SampleRow]], engine: PolicyTrainEngine,
+                 critic: CriticEngine | None) -> dict[str, float]:
+        rows, kept = kept_fragments(groups, self.column, type(self).__name__)
+        values, next_values = fragment_values(engine, kept)
+        batch = StepBatch.from_fragments(kept, torch.zeros_like(values))
+        target = engine.compute_logprobs(batch)  # type: ignore[attr-defined]
+        targets, advantages, at = [], [], 0
+        for f in kept:
+            part = slice(at, at + f.size)
+            vs, adv = vtrace(batch.behav_logprobs[part][None], target[part][None], f.rewards[None].to(values.dtype),
+                             values[part][None], next_values[part][None], f.terminated[None].bool(),
+                             f.dones[None].bool(), self.gamma, self.rho_bar, self.c_bar)
+            targets.append(vs[0])
+            advantages.append(adv[0])
+            at += f.size
+        batch.advantages, batch.returns, batch.old_values = torch.cat(advantages), torch.cat(targets), values
+        metrics = actor_critic_update(self, engine, rows, kept, batch)
+        metrics["vtrace/rho_clipped"] = float(((target - batch.behav_logprobs).exp() > self.rho_bar).float().mean())
         return metrics
+
+
+def fragment_values(engine: PolicyTrainEngine, fragments: list[Fragment]) -> tuple[torch.Tensor, torch.Tensor]:
+    """V (N,) of every step's observation and of the observation after it (``Fragment.next_observations``), under
+    the engine's current weights, the fragments' steps in order."""
+    values = engine.compute_values(torch.cat([f.observations[:-1] for f in fragments]))  # type: ignore[attr-defined]
+    after = engine.compute_values(torch.cat([f.next_observations() for f in fragments]))  # type: ignore[attr-defined]
+    return values, after
+
+
+def actor_critic_update(step: PPOStep | APPOStep, engine: PolicyTrainEngine, rows: list[SampleRow],
+                        kept: list[Fragment], batch: StepBatch) -> dict[str, float]:
+    """``step.epochs`` passes of ``step.minibatches`` updates on ``ppo_loss`` over ``batch`` (advantages, returns and
+    old values filled in); returns the step's metrics."""
+
+    def loss(logp: torch.Tensor, entropy: torch.Tensor, mb: StepBatch, v: torch.Tensor) -> LossOutput:
+        total, metrics = ppo_loss(logp, mb.behav_logprobs, mb.advantages, v, mb.old_values, mb.returns, entropy,
+                                  step.clip, step.value_clip, step.value_coef, step.entropy_coef,
+                                  step.normalize_advantages)
+        return LossOutput(total, metrics)
+
+    loss.needs_values = True  # type: ignore[attr-defined]
+    trained_at = engine.version
+    lag = trained_at - batch.versions  # (N,) versions behind the trainer
+    metrics = engine.train_step(batch, loss, step.minibatches, step.epochs)
+    metrics.update(episode_metrics(rows, kept))
+    metrics["value/mean"] = batch.old_values.mean().item()
+    metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns)
+    metrics.update(staleness_metrics(trained_at, [f.version for f in kept], lag))
+    return metrics
 
 
 def explained_variance(predicted: torch.Tensor, targets: torch.Tensor) -> float:
