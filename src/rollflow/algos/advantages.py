@@ -66,7 +66,7 @@ def rloo(rewards: torch.Tensor) -> torch.Tensor:
 # --- token-level estimators: (B, T) -> ((B, T), (B, T)) -------------------------------------------------------------
 
 
-def _reverse_scan(x: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+def reverse_scan(x: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
     """out_t = x_t + decay_t · out_{t+1}, out_T = 0, along the last dim. (B, T), (B, T) -> (B, T)."""
     out = torch.empty_like(x)
     running = torch.zeros_like(x[:, 0])  # (B,)
@@ -99,7 +99,7 @@ def reinforce_pp(
     """
     m = mask.to(token_rewards.dtype)
     decay = torch.where(mask > 0, gamma, 1.0).to(token_rewards.dtype)  # carry the sum through masked positions
-    returns = _reverse_scan(token_rewards * m, decay) * m
+    returns = reverse_scan(token_rewards * m, decay) * m
     return _whiten(returns, m), returns
 
 
@@ -127,7 +127,7 @@ def gae(
     v = torch.where(mask > 0, values, 0.0)  # padding may hold anything; it must not leak into δ
     next_m = F.pad(m[:, 1:], (0, 1))  # (B, T): mask_{t+1}, 0 at T−1
     delta = token_rewards * m + gamma * F.pad(v[:, 1:], (0, 1)) * next_m - v
-    adv = _reverse_scan(delta, gamma * lam * next_m) * m
+    adv = reverse_scan(delta, gamma * lam * next_m) * m
     returns = adv + v
     return (_whiten(adv, m) if whiten else adv), returns
 

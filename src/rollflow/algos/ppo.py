@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rollflow.algos.advantages import reverse_scan
 from rollflow.algos.pg import episode_metrics, kept_fragments
 from rollflow.algos.policy_step import staleness_metrics
 from rollflow.api import CriticEngine, Fragment, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
@@ -44,12 +45,7 @@ def fragment_gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch
     if bool((terminated & ~ended).any()):
         raise ValueError("fragment_gae: a step is terminated but not ended; ended must include every terminated step")
     deltas = rewards + gamma * (~terminated).to(values.dtype) * next_values - values
-    carry = gamma * lam * (~ended).to(values.dtype)
-    advantages = torch.zeros_like(values)
-    running = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        running = deltas[:, t] + carry[:, t] * running
-        advantages[:, t] = running
+    advantages = reverse_scan(deltas, gamma * lam * (~ended).to(values.dtype))
     return advantages, advantages + values
 
 
@@ -71,14 +67,8 @@ def vtrace(behav_logprobs: torch.Tensor, logprobs: torch.Tensor, rewards: torch.
     ratio = (logprobs - behav_logprobs).detach().exp()
     rho, c = ratio.clamp(max=rho_bar), ratio.clamp(max=c_bar)
     live = (~terminated).to(values.dtype)
-    carry = gamma * (~ended).to(values.dtype) * c
     deltas = rho * (rewards + gamma * live * next_values - values)
-    corrections = torch.zeros_like(values)  # vs − V
-    running = torch.zeros_like(values[:, 0])
-    for t in reversed(range(values.shape[1])):
-        running = deltas[:, t] + carry[:, t] * running
-        corrections[:, t] = running
-    vs = values + corrections
+    vs = values + reverse_scan(deltas, gamma * (~ended).to(values.dtype) * c)  # vs − V, scanned back
     following = next_values.clone()  # v'_{t+1}: vs_{t+1} where the episode goes on inside the fragment
     inside = ~ended[:, :-1]
     following[:, :-1] = torch.where(inside, vs[:, 1:], next_values[:, :-1])
@@ -147,14 +137,13 @@ class PPOStep:
                  critic: CriticEngine | None) -> dict[str, float]:
         rows, kept = kept_fragments(groups, self.column, type(self).__name__)
         values, next_values = fragment_values(engine, kept)
-        advantages, returns, at = [], [], 0
-        for f in kept:  # fragments may differ in length: one (1, T) row each
-            v, nv = values[at:at + f.size][None], next_values[at:at + f.size][None]
-            a, r = fragment_gae(f.rewards[None].to(v.dtype), v, nv, f.terminated[None].bool(), f.dones[None].bool(),
-                                self.gamma, self.lam)
+        sizes = [f.size for f in kept]
+        advantages, returns = [], []
+        for f, v, nv in zip(kept, values.split(sizes), next_values.split(sizes)):  # lengths may differ: a row each
+            a, r = fragment_gae(f.rewards[None].to(v.dtype), v[None], nv[None], f.terminated[None].bool(),
+                                f.dones[None].bool(), self.gamma, self.lam)
             advantages.append(a[0])
             returns.append(r[0])
-            at += f.size
         batch = StepBatch.from_fragments(kept, torch.cat(advantages))
         batch.returns, batch.old_values = torch.cat(returns), values
         return actor_critic_update(self, engine, rows, kept, batch)
@@ -185,15 +174,14 @@ class APPOStep:
         values, next_values = fragment_values(engine, kept)
         batch = StepBatch.from_fragments(kept, torch.zeros_like(values))
         target = engine.compute_logprobs(batch)  # type: ignore[attr-defined]
-        targets, advantages, at = [], [], 0
-        for f in kept:
-            part = slice(at, at + f.size)
-            vs, adv = vtrace(batch.behav_logprobs[part][None], target[part][None], f.rewards[None].to(values.dtype),
-                             values[part][None], next_values[part][None], f.terminated[None].bool(),
-                             f.dones[None].bool(), self.gamma, self.rho_bar, self.c_bar)
+        sizes = [f.size for f in kept]
+        targets, advantages = [], []
+        for f, mu, pi, v, nv in zip(kept, batch.behav_logprobs.split(sizes), target.split(sizes), values.split(sizes),
+                                    next_values.split(sizes)):
+            vs, adv = vtrace(mu[None], pi[None], f.rewards[None].to(v.dtype), v[None], nv[None],
+                             f.terminated[None].bool(), f.dones[None].bool(), self.gamma, self.rho_bar, self.c_bar)
             targets.append(vs[0])
             advantages.append(adv[0])
-            at += f.size
         batch.advantages, batch.returns, batch.old_values = torch.cat(advantages), torch.cat(targets), values
         metrics = actor_critic_update(self, engine, rows, kept, batch)
         metrics["vtrace/rho_clipped"] = float(((target - batch.behav_logprobs).exp() > self.rho_bar).float().mean())

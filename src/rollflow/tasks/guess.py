@@ -62,7 +62,7 @@ class GuessTask(ProceduralTask):
         pairs = rng.sample([f"{a}+{b}?" for a in self.keys for b in self.keys if a != b], self.eval_pairs)
         out = []
         for i in range(self.eval_size):
-            first, second = pairs[i % len(pairs)][0], pairs[i % len(pairs)][2]
+            first, _, second, _ = pairs[i % len(pairs)]
             table = {k: rng.randint(0, 9) for k in self.keys}
             out.append(Problem(f"{first}+{second}?", str(table[first] + table[second]), {"table": table}))
         return out
