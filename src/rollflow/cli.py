@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     # only when train builds a Ray backend.
     from rollflow.recipes import train
     from rollflow.recipes.grpo import NonFiniteLoss, Stopped
+    from rollflow.envs.simulator import EnvSpecError
     from rollflow.runtime.backend import WorkerStartError
     from rollflow.runtime.checkpoint import RunDirError
     from rollflow.tasks import RewardFnError, TaskDataError
 
     try:
         train(config, resume=resume is not None, overwrite=ns.command == "train" and ns.overwrite)
-    except (TaskDataError, RewardFnError, FileNotFoundError, RunDirError, ConfigError) as e:  # the user's input, named in the message
+    except (TaskDataError, RewardFnError, FileNotFoundError, RunDirError, ConfigError, EnvSpecError) as e:  # the user's input, named in the message
         print(f"rollflow: {_with_notes(e)}", file=sys.stderr)
         return 2
     except (WorkerStartError, NonFiniteLoss) as e:  # one line says it all; a traceback would only show Ray's code

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rollflow.algos.advantages import reverse_scan
-from rollflow.algos.pg import episode_metrics, kept_fragments
+from rollflow.algos.pg import episode_metrics, kept_fragments, returns_to_go
 from rollflow.algos.policy_step import staleness_metrics
 from rollflow.api import CriticEngine, Fragment, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
 
@@ -129,6 +129,7 @@ class PPOStep:
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     normalize_advantages: bool = True
+    normalize_rewards: bool = False  # divide rewards by the running std of discounted returns (``scaled_rewards``)
     minibatches: int = 4
     epochs: int = 4
     column: str = "fragment"
@@ -137,16 +138,32 @@ class PPOStep:
                  critic: CriticEngine | None) -> dict[str, float]:
         rows, kept = kept_fragments(groups, self.column, type(self).__name__)
         values, next_values = fragment_values(engine, kept)
+        rewards = step_rewards(engine, kept, self.gamma, self.normalize_rewards)
         sizes = [f.size for f in kept]
-        advantages, returns = [], []
-        for f, v, nv in zip(kept, values.split(sizes), next_values.split(sizes)):  # lengths may differ: a row each
-            a, r = fragment_gae(f.rewards[None].to(v.dtype), v[None], nv[None], f.terminated[None].bool(),
-                                f.dones[None].bool(), self.gamma, self.lam)
-            advantages.append(a[0])
-            returns.append(r[0])
-        batch = StepBatch.from_fragments(kept, torch.cat(advantages))
-        batch.returns, batch.old_values = torch.cat(returns), values
+        if len(set(sizes)) == 1:  # the usual case: one (B, T) scan for the whole batch
+            shape = (len(kept), sizes[0])
+            a, r = fragment_gae(rewards.to(values.dtype).view(shape), values.view(shape), next_values.view(shape),
+                                torch.stack([f.terminated for f in kept]).bool(),
+                                torch.stack([f.dones for f in kept]).bool(), self.gamma, self.lam)
+            advantages, returns = a.flatten(), r.flatten()
+        else:  # lengths differ: a row each
+            parts = [fragment_gae(rw[None].to(v.dtype), v[None], nv[None], f.terminated[None].bool(),
+                                  f.dones[None].bool(), self.gamma, self.lam)
+                     for f, rw, v, nv in zip(kept, rewards.split(sizes), values.split(sizes), next_values.split(sizes))]
+            advantages, returns = torch.cat([a[0] for a, _ in parts]), torch.cat([r[0] for _, r in parts])
+        batch = StepBatch.from_fragments(kept, advantages)
+        batch.returns, batch.old_values = returns, values
         return actor_critic_update(self, engine, rows, kept, batch)
+
+
+def step_rewards(engine: PolicyTrainEngine, fragments: list[Fragment], gamma: float, normalize: bool) -> torch.Tensor:
+    """The fragments' rewards (N,) in order; with ``normalize``, divided by the running std of discounted returns
+    (``engine.scaled_rewards``; the returns are those to go within each fragment)."""
+    rewards = torch.cat([f.rewards for f in fragments]).float()
+    if not normalize:
+        return rewards
+    returns = torch.cat([returns_to_go(f.rewards, f.dones, gamma) for f in fragments])
+    return engine.scaled_rewards(rewards, returns)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -164,6 +181,7 @@ class APPOStep:
     value_coef: float = 0.5
     entropy_coef: float = 0.0
     normalize_advantages: bool = True
+    normalize_rewards: bool = False  # as in ``PPOStep``
     minibatches: int = 2
     epochs: int = 1
     column: str = "fragment"
@@ -174,11 +192,12 @@ class APPOStep:
         values, next_values = fragment_values(engine, kept)
         batch = StepBatch.from_fragments(kept, torch.zeros_like(values))
         target = engine.compute_logprobs(batch)  # type: ignore[attr-defined]
+        rewards = step_rewards(engine, kept, self.gamma, self.normalize_rewards)
         sizes = [f.size for f in kept]
         targets, advantages = [], []
-        for f, mu, pi, v, nv in zip(kept, batch.behav_logprobs.split(sizes), target.split(sizes), values.split(sizes),
-                                    next_values.split(sizes)):
-            vs, adv = vtrace(mu[None], pi[None], f.rewards[None].to(v.dtype), v[None], nv[None],
+        for f, mu, pi, rw, v, nv in zip(kept, batch.behav_logprobs.split(sizes), target.split(sizes),
+                                        rewards.split(sizes), values.split(sizes), next_values.split(sizes)):
+            vs, adv = vtrace(mu[None], pi[None], rw[None].to(v.dtype), v[None], nv[None],
                              f.terminated[None].bool(), f.dones[None].bool(), self.gamma, self.rho_bar, self.c_bar)
             targets.append(vs[0])
             advantages.append(adv[0])

@@ -31,6 +31,7 @@ from rollflow.api.task import AgentTask, RewardFn, Task
 from rollflow.api.trajectory import Fragment, Trajectory, TrajectoryBuilder, TrajectoryCell, Turn
 from rollflow.api.weights import VersionedWeights, WeightChecksumError, WeightTransport, checksum
 from rollflow.api.workflow import (
+    BatchWorkflow,
     EngineClient,
     EpisodeContext,
     InfraError,
@@ -39,7 +40,7 @@ from rollflow.api.workflow import (
 )
 
 __all__ = [
-    "AgentTask", "Column", "CriticEngine", "DecodeSession", "EngineClient", "Env", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
+    "AgentTask", "BatchWorkflow", "Column", "CriticEngine", "DecodeSession", "EngineClient", "Env", "EpisodeContext", "Fragment", "Generation", "InferenceEngine",
     "InfraError", "LossFn", "LossOutput", "PolicyEngine", "PolicyTrainEngine", "Problem", "Reject", "RewardCell", "RewardFn",
     "RewardResult", "RolloutWorkflow", "SampleRow", "SamplingParams", "ScoringEngine", "SessionEngine", "Status", "StepBatch", "StepLossFn", "StepResult", "SyncEnv", "Task",
     "TrainBatch", "TrainEngine", "TrainStep", "Trajectory", "TrajectoryBuilder", "TrajectoryCell", "Turn", "VersionedWeights",

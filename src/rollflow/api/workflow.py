@@ -53,6 +53,11 @@ class EngineClient(Protocol):
         """Sample one action for ``observation`` (a non-text policy): (action, its log-prob, the policy version)."""
         ...
 
+    async def act_batch(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Sample one action for each of ``observations`` (N, *obs) in one forward pass: actions (N, *act),
+        log-probs (N,), the policy version. For a workflow that steps several environments in lockstep."""
+        ...
+
 
 class EpisodeContext(Protocol):
     """What the runtime gives one episode."""
@@ -72,3 +77,14 @@ class RolloutWorkflow(Protocol):
     (a ``Problem`` for text tasks, whatever the recipe admits otherwise)."""
 
     async def run(self, task: Any, ctx: EpisodeContext) -> Trajectory | Fragment | Reject: ...
+
+
+class BatchWorkflow(Protocol):
+    """Produces one trajectory (or fragment) for each task instance of a rollout call, all together: a vectorised
+    simulator actor steps one environment per instance in lockstep, with one engine request per step for all of
+    them. A rollout worker calls ``run_batch`` instead of ``run`` when the workflow has it.
+
+    The context's timeouts apply to the whole call; faults of one instance are the workflow's to classify (it returns
+    that instance's ``Trajectory`` built with the status, e.g. ``Status.INFRA_ERROR``, and the others as usual)."""
+
+    async def run_batch(self, tasks: list[Any], ctx: EpisodeContext) -> list[Trajectory | Fragment | Reject]: ...

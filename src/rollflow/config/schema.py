@@ -517,6 +517,77 @@ class RuntimeConfig(Section):
         return self
 
 
+class SimConfig(Section):
+    """The simulator recipe (``rollflow train configs/sim/cartpole.yaml``): actor workers step Gymnasium environments,
+    the trainer runs PPO, APPO (V-trace) or REINFORCE on their fragments. With this section set, ``task``, ``model``,
+    ``sft``, ``algo`` and ``reward_latency`` are not used; ``train.*`` (steps, lr, grad_clip, minibatches, epochs),
+    ``eval.every``, ``checkpoint.*`` and ``runtime.*`` are (``runtime.rollout.workers``: actor workers)."""
+
+    env: str = "CartPole-v1"
+    """A registered Gymnasium id (MiniGrid-… ids import minigrid first) or an entry point: 'module:Class' or
+    'path/file.py:Class' (a class or function returning a gymnasium.Env). Discrete actions; Box observations, or a
+    dict with an 'image' entry (MiniGrid), which is used alone."""
+    env_kwargs: dict[str, Any] = {}
+    """Keyword arguments for the environment's constructor (gymnasium.make's for an id)."""
+    frame_stack: int = Field(1, ge=1)
+    """Observations stacked per step (oldest first); 1: none."""
+    step_cost: float = Field(0.0, ge=0.0)
+    """Seconds of computation added to every training step of the environment (a stand-in for a costly
+    simulator, for throughput studies); 0: none."""
+    algorithm: Literal["ppo", "appo", "pg"] = "ppo"
+    """ppo: GAE and the clipped surrogate; appo: V-trace targets under the clip, for stale fragments; pg: REINFORCE
+    with a normalised-return baseline."""
+    envs_per_actor: int = Field(8, ge=1)
+    """Environments one actor call steps in lockstep (one batched policy request per step): fragments per call."""
+    fragment_steps: int = Field(128, ge=1)
+    """Steps per fragment; episodes run on across fragments."""
+    calls_per_step: int = Field(1, ge=1)
+    """Actor calls whose fragments make one train step: env steps per train step = envs_per_actor × fragment_steps ×
+    calls_per_step."""
+    policy: Literal["auto", "mlp", "cnn"] = "auto"
+    """The actor-critic: auto is a CNN for image observations (integer (H, W, C)), else an MLP."""
+    hidden: list[Annotated[int, Field(ge=1)]] = [64, 64]
+    """MLP: units per hidden layer (separate actor and critic trunks). CNN: the last entry is the shared layer."""
+    channels: list[Annotated[int, Field(ge=1)]] = [16, 32]
+    """CNN: output channels of each 2×2 convolution."""
+    normalize_observations: bool = False
+    """MLP: standardise observations by running mean and std (kept in the weights, updated after each step)."""
+    normalize_rewards: bool = False
+    """Divide rewards by the running std of discounted returns (ppo, appo)."""
+    gamma: float = Field(0.99, ge=0.0, le=1.0)
+    """Discount."""
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE λ (ppo)."""
+    clip: float = Field(0.2, gt=0.0, lt=1.0)
+    """PPO's ratio clip ε (ppo, appo)."""
+    value_clip: float | None = Field(0.2, gt=0.0)
+    """Clip of the value update around the old estimate (ppo, appo); null: none."""
+    value_coef: float = Field(0.5, ge=0.0)
+    """Weight of the value loss."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Weight of the entropy bonus."""
+    normalize_advantages: bool = True
+    """Standardise advantages per minibatch (ppo, appo)."""
+    rho_bar: float = Field(1.0, gt=0.0)
+    """V-trace's clip of the importance ratio in the targets and advantages (appo)."""
+    c_bar: float = Field(1.0, gt=0.0)
+    """V-trace's clip of the traces (appo)."""
+    anneal_lr: bool = True
+    """Decay train.lr linearly to 0 over train.steps."""
+    step_timeout: float | None = Field(None, gt=0.0)
+    """Seconds one lockstep step of an actor call's environments may take; past it the environment being stepped is
+    declared hung, dropped with its partial fragment (counted, retried elsewhere) and replaced. null: no limit, and
+    environments step on the actor's event loop (fastest); a hang then stalls that actor until runtime.call_timeout
+    replaces it."""
+    target_return: float | None = None
+    """A return to report the training time to (the mean of the last 20 finished training episodes reaching it), and
+    the return a held-out episode must reach to count as a success; null: success is a positive return."""
+    eval_episodes: int = Field(20, ge=1)
+    """Greedy held-out episodes per evaluation (eval.every steps, at the start and at the end)."""
+    eval_seed: int = Field(1_000_000_000, ge=0)
+    """First environment seed of the held-out episodes; training environments use seeds below it."""
+
+
 # Keys a resumed run may change (``rollflow train --resume RUN_DIR key=value``): how long, where and how fast it runs,
 # not what it learns. Any other difference from the run's config.yaml is refused, naming the keys.
 RESUMABLE = ("run_dir", "progress", "train.steps", "eval.", "checkpoint.", "runtime.")
@@ -540,6 +611,8 @@ class Config(Section):
     reward_latency: RewardLatencyConfig = Field(default_factory=RewardLatencyConfig)
     """Simulated reward duration (training rewards only), for studying slow verifiers."""
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    sim: SimConfig | None = None
+    """Set: the run is the simulator recipe (actors stepping Gymnasium environments), not the language-model one."""
 
     @property
     def samples_per_step(self) -> int:
@@ -561,6 +634,16 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.sim is not None:
+            steps = self.sim.envs_per_actor * self.sim.fragment_steps * self.sim.calls_per_step
+            if self.train.minibatches_per_step > steps:
+                raise ValueError(f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds the env steps "
+                                 f"per train step ({steps} = sim.envs_per_actor × sim.fragment_steps × "
+                                 f"sim.calls_per_step)")
+            if self.sim.eval_seed < (self.seed + 1) * 1_000_000:
+                raise ValueError(f"sim.eval_seed={self.sim.eval_seed} overlaps the training environments' seeds "
+                                 f"(seed·10⁶ + actor·10⁴ + k, up to {(self.seed + 1) * 1_000_000}); raise it")
+            return self
         if self.train.minibatches_per_step > self.samples_per_step:
             raise ValueError(
                 f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds samples per step "

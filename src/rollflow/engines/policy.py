@@ -34,20 +34,103 @@ class CategoricalMLP(torch.nn.Module):
         return self.net(observations.float())  # (B, actions)
 
 
+class RunningNorm(torch.nn.Module):
+    """Running mean and variance of a stream of ``shape``-d values (Chan et al.'s parallel update), in buffers, so
+    they travel with the weights: ``forward`` standardises and clips to ±``clip``; ``update`` folds a batch in."""
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64))
+        self.register_buffer("count", torch.tensor(0.0, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var.to(x.dtype) + self.eps)
+        return z.clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Fold ``x`` (N, *shape) into the statistics."""
+        x = x.to(torch.float64).reshape(-1, *self.mean.shape)
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean, var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.var.copy_((self.var * self.count + var * n + delta**2 * self.count * n / total) / total)
+        self.count.copy_(total)
+
+
 class ActorCriticMLP(torch.nn.Module):
     """A categorical policy (``forward``: observations → logits, as ``CategoricalMLP``) and a value function
-    (``value``: observations → V (B,)) on separate MLP trunks of ``hidden`` units per layer, as PPO uses them."""
+    (``value``: observations → V (B,)) on separate MLP trunks of ``hidden`` units per layer, as PPO uses them.
+    Observations are flattened (a frame stack (B, k, obs) becomes (B, k·obs); ``obs_dim`` is the flat size);
+    ``normalize`` standardises them by running statistics the trainer updates (``observe``); ``normalize_rewards``
+    keeps the statistics of discounted returns that ``TorchPolicyTrainer.scaled_rewards`` divides rewards by."""
 
-    def __init__(self, obs_dim: int, actions: int, hidden: tuple[int, ...] = (64, 64), seed: int = 0) -> None:
+    def __init__(self, obs_dim: int, actions: int, hidden: tuple[int, ...] = (64, 64), seed: int = 0,
+                 normalize: bool = False, normalize_rewards: bool = False) -> None:
         super().__init__()
         self.actor = CategoricalMLP(obs_dim, actions, hidden, seed)
         self.critic = CategoricalMLP(obs_dim, 1, hidden, seed + 1)  # one output: the value
+        self.obs_norm = RunningNorm((obs_dim,)) if normalize else None
+        self.return_norm = RunningNorm(()) if normalize_rewards else None  # read by the trainer only
+
+    def _inputs(self, observations: torch.Tensor) -> torch.Tensor:
+        x = observations.float().flatten(1)  # (B, obs_dim)
+        return x if self.obs_norm is None else self.obs_norm(x)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.actor(observations)  # (B, actions)
+        return self.actor(self._inputs(observations))  # (B, actions)
 
     def value(self, observations: torch.Tensor) -> torch.Tensor:
-        return self.critic(observations).squeeze(-1)  # (B,)
+        return self.critic(self._inputs(observations)).squeeze(-1)  # (B,)
+
+    def observe(self, observations: torch.Tensor) -> None:
+        """Fold a trained batch's observations (B, *obs) into the normaliser (nothing without one)."""
+        if self.obs_norm is not None:
+            self.obs_norm.update(observations.float().flatten(1))
+
+
+class ActorCriticCNN(torch.nn.Module):
+    """A small convolutional actor-critic for grid images (B, H, W, C), or frame stacks of them (B, k, H, W, C),
+    whose frames are stacked as channels: conv 2×2 layers of ``channels`` (ReLU), a shared ``hidden``-unit layer, and
+    a policy and a value head. ``scale`` divides the raw values (255 for pixels; MiniGrid's ids are below 11);
+    ``normalize_rewards`` as for ``ActorCriticMLP``."""
+
+    def __init__(self, obs_shape: tuple[int, ...], actions: int, channels: tuple[int, ...] = (16, 32),
+                 hidden: int = 64, seed: int = 0, scale: float = 10.0, normalize_rewards: bool = False) -> None:
+        super().__init__()
+        self.return_norm = RunningNorm(()) if normalize_rewards else None
+        *frames, height, width, depth = obs_shape
+        in_channels = depth * (frames[0] if frames else 1)
+        self.scale = scale
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            layers: list[torch.nn.Module] = []
+            for c_in, c_out in zip((in_channels, *channels), channels):
+                layers += [torch.nn.Conv2d(c_in, c_out, 2), torch.nn.ReLU()]
+            self.conv = torch.nn.Sequential(*layers, torch.nn.Flatten())
+            with torch.no_grad():
+                flat = self.conv(torch.zeros(1, in_channels, height, width)).shape[1]
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(flat, hidden), torch.nn.ReLU())
+            self.policy_head = torch.nn.Linear(hidden, actions)
+            self.value_head = torch.nn.Linear(hidden, 1)
+
+    def _features(self, observations: torch.Tensor) -> torch.Tensor:
+        x = observations.float() / self.scale
+        if x.ndim == 5:  # (B, k, H, W, C) → (B, H, W, k·C)
+            x = x.permute(0, 2, 3, 1, 4).flatten(3)
+        return self.trunk(self.conv(x.permute(0, 3, 1, 2)))  # (B, hidden)
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.policy_head(self._features(observations))  # (B, actions)
+
+    def value(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.value_head(self._features(observations)).squeeze(-1)  # (B,)
 
 
 def action_logprobs(model: torch.nn.Module, observations: torch.Tensor,
@@ -78,12 +161,21 @@ class TorchPolicyEngine(VersionedEngine):
 class TorchPolicyTrainer(AdamWTrainer):
     """Trains a categorical policy with a loss it is given: AdamW, gradient clipping, minibatches and epochs per step
     (``torch_train.AdamWTrainer``, shared with the text trainer). ``version`` is the number of ``train_step``
-    calls: one per RL step, whatever the minibatches and epochs."""
+    calls: one per RL step, whatever the minibatches and epochs. With ``anneal_steps`` > 0 the learning rate falls
+    linearly from ``lr`` to 0 over that many steps (by version, so a restored trainer continues the schedule)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), grad_clip: float = 1.0, seed: int = 0,
+                 anneal_steps: int = 0) -> None:
+        super().__init__(model, lr, weight_decay, betas, grad_clip, seed)
+        self.anneal_steps = anneal_steps
 
     def train_step(self, batch: StepBatch, loss_fn: StepLossFn, minibatches: int = 1, epochs: int = 1,
                    lr_scale: float = 1.0) -> dict[str, float]:
         """``epochs`` passes over ``batch``, each cut into ``minibatches`` updates at ``lr_scale`` × the learning
-        rate; then version += 1."""
+        rate (× the annealing factor); then version += 1."""
+        if self.anneal_steps:
+            lr_scale *= max(0.0, 1.0 - self.version / self.anneal_steps)
 
         needs_values = getattr(loss_fn, "needs_values", False)
         if needs_values and not callable(getattr(self.model, "value", None)):
@@ -96,7 +188,22 @@ class TorchPolicyTrainer(AdamWTrainer):
                 return loss_fn(logp, entropy, mb, self.model.value(mb.observations))
             return loss_fn(logp, entropy, mb)
 
-        return self._updates(batch, loss, minibatches, epochs, lr_scale)
+        metrics = self._updates(batch, loss, minibatches, epochs, lr_scale)
+        observe = getattr(self.model, "observe", None)
+        if callable(observe):  # a normaliser learns from the batch after it: the whole step saw one set of statistics
+            observe(batch.observations)
+        return metrics
+
+    @torch.no_grad()
+    def scaled_rewards(self, rewards: torch.Tensor, discounted_returns: torch.Tensor) -> torch.Tensor:
+        """``rewards`` (N,) divided by the running std of the discounted returns (N,) they sum to (the returns'
+        statistics, kept in the model's ``return_norm`` so checkpoints hold them, are updated with these first)."""
+        norm = getattr(self.model, "return_norm", None)
+        if norm is None:
+            raise TypeError(f"reward normalisation needs a policy that keeps return statistics; build "
+                            f"{type(self.model).__name__} with normalize_rewards=True")
+        norm.update(discounted_returns)
+        return rewards / torch.sqrt(norm.var.float() + norm.eps)
 
     @torch.no_grad()
     def compute_values(self, observations: torch.Tensor) -> torch.Tensor:

@@ -131,6 +131,28 @@ class _Client:
     async def act(self, observation: torch.Tensor) -> tuple[torch.Tensor, float, int]:
         return await self._answer(self.worker.batcher(None).submit(observation))
 
+    async def act_batch(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.worker._act_batch(observations, check=True)
+
+
+class _BatchClient(_Client):
+    """The engine as one ``BatchWorkflow`` call sees it. A vectorised actor asks once per environment step, so its
+    requests run on the event loop's thread (under the engine lock: a hop to the engine thread costs several times a
+    small policy's forward pass), and newer weights are looked for at the call's first request, then at most every
+    ``RolloutWorker.pickup_interval`` seconds (asking the transport may be a remote call). The first look keeps the
+    staleness bound: the call starts on weights at least as new as those its admission counted on."""
+
+    def __init__(self, worker: RolloutWorker, params: SamplingParams) -> None:
+        super().__init__(worker, params)
+        self._checked: float | None = None
+
+    async def act_batch(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        now = time.perf_counter()
+        check = self._checked is None or now - self._checked >= self.worker.pickup_interval
+        if check:
+            self._checked = now
+        return self.worker._act_batch(observations, check)
+
     async def _answer(self, request: Awaitable[T]) -> T:
         try:
             return await asyncio.wait_for(request, self.worker.limits.engine)
@@ -182,11 +204,13 @@ class RolloutWorker:
         max_batch: int = 256,
         gather: float = 0.0,
         continuous: bool = True,
+        pickup_interval: float = 0.05,
     ) -> None:
         self.engine, self.transport, self.workflow = engine, transport, workflow
         self.params = params or SamplingParams()
         self.payloads = payloads or LocalPayloads()
         self.limits, self.max_batch, self.gather, self.continuous = limits, max_batch, gather, continuous
+        self.pickup_interval = pickup_interval  # a batch workflow's calls look for new weights at most this often
         self.client = _Client(self, self.params)
         # One engine thread: engine calls, weight loads and evaluations run one at a time, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="engine", initializer=torch.set_num_threads, initargs=(threads,))
@@ -194,12 +218,18 @@ class RolloutWorker:
         self._decoder: ContinuousBatcher | None = None  # text requests, when the engine decodes continuously
         self._spans: list[Span] = []  # engine batches and weight loads since the last call returned
         self._lock = threading.Lock()
+        # Held by whatever uses the engine: the engine thread's calls, and a vectorised actor's requests, which run on
+        # the event loop's thread (``_act_batch``). Reentrant: a request picks weights up under it.
+        self._engine_lock = threading.RLock()
 
     # -- the stage ------------------------------------------------------------------------------------------------
     async def rollout(self, items: list[tuple[int, Any]]) -> StageOutput:
-        """``items``: (uid, task instance). Runs every episode at once; the values are ``TrajectoryCell``s (their
-        bulk in the payload store) or ``Reject``s."""
-        outcomes = await asyncio.gather(*(self._episode(task) for _, task in items), return_exceptions=True)
+        """``items``: (uid, task instance). Runs every episode at once (a ``BatchWorkflow``: all in one call); the
+        values are ``TrajectoryCell``s (their bulk in the payload store) or ``Reject``s."""
+        if hasattr(self.workflow, "run_batch"):
+            outcomes = await self._batch([task for _, task in items])
+        else:
+            outcomes = await asyncio.gather(*(self._episode(task) for _, task in items), return_exceptions=True)
         for (uid, _), out in zip(items, outcomes):
             if isinstance(out, BaseException):
                 name = type(self.workflow).__name__
@@ -222,6 +252,26 @@ class RolloutWorker:
         except InfraError as e:
             out = ctx.trajectory.build(status=Status.INFRA_ERROR, error=str(e))
         return out, started, time.time()
+
+    async def _batch(self, tasks: list[Any]) -> list[Any]:
+        """``BatchWorkflow.run_batch`` on ``tasks`` as ``_episode`` runs one: a timeout or an infrastructure fault of
+        the whole call is every instance's outcome; an exception of the workflow's own code is returned (a bug)."""
+        ctx, started = _Context(self), time.time()
+        ctx.engine = _BatchClient(self, self.params)
+        try:
+            outs = await asyncio.wait_for(self.workflow.run_batch(tasks, ctx), self.limits.episode)
+        except (TimeoutError, EpisodeTimeout) as e:
+            why = str(e) or f"the call ran past episode_timeout={self.limits.episode} s"
+            outs = [TrajectoryBuilder().build(status=Status.TIMEOUT, error=why) for _ in tasks]
+        except InfraError as e:
+            outs = [TrajectoryBuilder().build(status=Status.INFRA_ERROR, error=str(e)) for _ in tasks]
+        except Exception as e:
+            return [e] * len(tasks)
+        if len(outs) != len(tasks):
+            bug = RuntimeError(f"run_batch returned {len(outs)} results for {len(tasks)} task instances")
+            return [bug] * len(tasks)
+        finished = time.time()
+        return [(out, started, finished) for out in outs]
 
     def batcher(self, params: SamplingParams | None) -> Batcher | Requests:
         """The batcher of text requests with ``params``, or (None) of action requests: ``submit(item)``. Text requests
@@ -246,6 +296,10 @@ class RolloutWorker:
 
     # -- the engine thread ----------------------------------------------------------------------------------------
     def _generate(self, prompts: list[list[int]], params: SamplingParams, record: bool = True) -> list[Generation]:
+        with self._engine_lock:
+            return self._generate_locked(prompts, params, record)
+
+    def _generate_locked(self, prompts: list[list[int]], params: SamplingParams, record: bool) -> list[Generation]:
         if self._decoder is not None:
             self._decoder.drain()  # rows decoding on the old weights end first: the pick-up must not land under them
         self._pick_up()
@@ -256,11 +310,25 @@ class RolloutWorker:
         return out
 
     def _act(self, observations: list[torch.Tensor]) -> list[tuple[torch.Tensor, float, int]]:
-        self._pick_up()
-        started = time.time()
-        actions, logprobs = self.engine.act(torch.stack(observations))
-        self._record(Span("act", started, time.time(), {"samples": len(observations), "version": self.engine.version}))
-        return [(a, float(lp), self.engine.version) for a, lp in zip(actions, logprobs)]
+        with self._engine_lock:
+            self._pick_up()
+            started = time.time()
+            actions, logprobs = self.engine.act(torch.stack(observations))
+            version = self.engine.version
+        self._record(Span("act", started, time.time(), {"samples": len(observations), "version": version}))
+        return [(a, float(lp), version) for a, lp in zip(actions, logprobs)]
+
+    def _act_batch(self, observations: torch.Tensor, check: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        # No span per call: a vectorised actor asks once per environment step; its whole call is the stage's span.
+        with self._engine_lock:
+            if check:
+                self._pick_up()
+            actions, logprobs = self.engine.act(observations)
+            return actions, logprobs, self.engine.version
+
+    def _exclusive(self, fn: Callable[[], T]) -> T:
+        with self._engine_lock:
+            return fn()
 
     def _pick_up(self) -> None:
         # The safe point: only here, between two engine batches, so every forward pass sees one version.
@@ -298,20 +366,20 @@ class RolloutWorker:
     def save(self, save: Callable[[Any], None]) -> int:
         """Run ``save(model)`` on the weights this worker last generated with (e.g. the ones just evaluated);
         returns their version."""
-        return self.executor.submit(lambda: (save(self.engine.model), self.engine.version)[1]).result()
+        return self.executor.submit(self._exclusive, lambda: (save(self.engine.model), self.engine.version)[1]).result()
 
     @dispatch(Mode.BROADCAST)
     def rng_state(self) -> Any:
         """The engine's sampling RNG state (None if it has none), for a checkpoint; read on the engine thread,
         between two batches."""
         generator = getattr(self.engine, "generator", None)
-        return None if generator is None else self.executor.submit(generator.get_state).result()
+        return None if generator is None else self.executor.submit(self._exclusive, generator.get_state).result()
 
     def set_rng_state(self, state: Any) -> None:
         """Continue the engine's sampling RNG from ``rng_state``'s value (worker by worker: each has its own)."""
         generator = getattr(self.engine, "generator", None)
         if generator is not None and state is not None:
-            self.executor.submit(generator.set_state, state).result()
+            self.executor.submit(self._exclusive, lambda: generator.set_state(state)).result()
 
     @dispatch(Mode.BROADCAST)
     def set_threads(self, n: int) -> None:

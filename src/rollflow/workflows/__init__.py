@@ -4,5 +4,6 @@ the user's own code); it implements ``api.RolloutWorkflow`` and touches no runti
 from rollflow.workflows.agent import AgentLoop
 from rollflow.workflows.gym import GymFragments
 from rollflow.workflows.text import SingleTurn, Tokens
+from rollflow.workflows.vector import VectorFragments
 
-__all__ = ["AgentLoop", "GymFragments", "SingleTurn", "Tokens"]
+__all__ = ["AgentLoop", "GymFragments", "SingleTurn", "Tokens", "VectorFragments"]
