@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # Defers nothing heavy: `import rollflow` has loaded the recipes, torch and transformers already; Ray is imported
     # only when train builds a Ray backend.
+    from rollflow.envs.simulator import EnvSpecError
     from rollflow.recipes import train
     from rollflow.recipes.grpo import NonFiniteLoss, Stopped
-    from rollflow.envs.simulator import EnvSpecError
     from rollflow.runtime.backend import WorkerStartError
     from rollflow.runtime.checkpoint import RunDirError
     from rollflow.tasks import RewardFnError, TaskDataError
