@@ -134,6 +134,12 @@ class _Client:
     async def act_batch(self, observations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.worker._act_batch(observations, check=True)
 
+    async def _answer(self, request: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(request, self.worker.limits.engine)
+        except TimeoutError:
+            raise InfraError(f"the inference engine did not answer within {self.worker.limits.engine} s") from None
+
 
 class _BatchClient(_Client):
     """The engine as one ``BatchWorkflow`` call sees it. A vectorised actor asks once per environment step, so its
@@ -152,12 +158,6 @@ class _BatchClient(_Client):
         if check:
             self._checked = now
         return self.worker._act_batch(observations, check)
-
-    async def _answer(self, request: Awaitable[T]) -> T:
-        try:
-            return await asyncio.wait_for(request, self.worker.limits.engine)
-        except TimeoutError:
-            raise InfraError(f"the inference engine did not answer within {self.worker.limits.engine} s") from None
 
 
 class _Context:
