@@ -186,12 +186,16 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
     envs = [make_env(sim.env, sim.env_kwargs, sim.frame_stack) for _ in range(sim.eval_episodes)]
     obs = [torch.as_tensor(e.reset(seed=sim.eval_seed + j)[0], dtype=torch.float32) for j, e in enumerate(envs)]
     returns, lengths = [0.0] * len(envs), [0] * len(envs)
-    live = list(range(len(envs)))
+    live, failed = list(range(len(envs))), set()
     while live:
         actions = model(torch.stack([obs[j] for j in live])).argmax(-1)
         still = []
         for j, a in zip(live, actions.tolist()):
-            o, r, terminated, truncated, _ = envs[j].step(a)
+            try:
+                o, r, terminated, truncated, _ = envs[j].step(a)
+            except Exception:  # the environment's fault, not the policy's: the episode is left out and counted
+                failed.add(j)
+                continue
             returns[j] += float(r)
             lengths[j] += 1
             obs[j] = torch.as_tensor(o, dtype=torch.float32)
@@ -200,10 +204,14 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
         live = still
     for e in envs:
         e.close()
+    kept = [j for j in range(len(envs)) if j not in failed]
+    if not kept:
+        raise RuntimeError(f"every held-out episode's environment ({sim.env}) raised during evaluation")
     target = sim.target_return
-    success = [r >= target if target is not None else r > 0 for r in returns]
-    return {"eval/return_mean": sum(returns) / len(returns), "eval/length_mean": sum(lengths) / len(lengths),
-            "eval/success": sum(success) / len(success)}
+    success = [returns[j] >= target if target is not None else returns[j] > 0 for j in kept]
+    return {"eval/return_mean": sum(returns[j] for j in kept) / len(kept),
+            "eval/length_mean": sum(lengths[j] for j in kept) / len(kept),
+            "eval/success": sum(success) / len(success), "eval/failed_episodes": len(failed)}
 
 
 # -- the run ------------------------------------------------------------------------------------------------------------
@@ -261,6 +269,9 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> R
     assert config.sim is not None
     torch.set_num_threads(config.runtime.torch_threads)
     sim = config.sim
+    where, _, name = sim.env.rpartition(":")
+    if where.endswith(".py"):  # workers may run elsewhere than this working directory
+        sim.env = f"{Path(where).resolve()}:{name}"
     spec = env_spec(sim.env, sim.env_kwargs, sim.frame_stack)  # a bad environment fails before the run dir is touched
     build_policy(sim, spec, config.seed)
     checkpoint = prepare_run_dir(config, resume, overwrite)

@@ -338,7 +338,10 @@ class Controller:
             if isinstance(p.value, Reject):
                 self._leaving[gid] = REJECTED
             elif getattr(p.value, "status", None) is Status.INFRA_ERROR and self._retries.get(p.uid, 0) < self.max_retries:
-                self._retry(p.uid, info.stage, "infra_error")
+                error = (getattr(p.value, "info", None) or {}).get("error", "")
+                self._retry(p.uid, info.stage, f"infra_error: {error}" if error else "infra_error")
+                self.fault_log.append(f"{info.stage} of sample {p.uid}: infrastructure fault ({error or 'no detail'}); "
+                                      f"produced again (retry {self._retries[p.uid]} of {self.max_retries})")
             else:
                 self.store.put(p.uid, info.stage, p.value, started=p.started, finished=p.finished)
                 extra = {"version": p.value.version} if self.store.columns[info.stage].versioned else {}

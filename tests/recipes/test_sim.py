@@ -1,0 +1,158 @@
+"""The simulator recipe as a user runs it: `rollflow train configs/sim/<env>.yaml`, on the inline backend in-process
+and on Ray (the default) from the command line, with a user's own environment file, a faulty environment, a killed
+actor worker, a resumed run, and the learning each built-in config promises."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from test_ray_faults import kill_role
+from test_resume import start, wait_for_step
+
+from rollflow.config import load_config
+from rollflow.recipes import train
+from rollflow.runtime.ledger import check
+from rollflow.runtime.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+CARTPOLE, DOORKEY = str(ROOT / "configs/sim/cartpole.yaml"), str(ROOT / "configs/sim/doorkey.yaml")
+
+
+def inline(tmp_path, *overrides):
+    return load_config(CARTPOLE, ["runtime.backend=inline", f"run_dir={tmp_path / 'run'}", "progress=false",
+                                  *overrides])
+
+
+def test_cartpole_learns_inline_and_leaves_a_whole_run_directory(tmp_path):
+    result = train(inline(tmp_path, "train.steps=40", "eval.every=20", "checkpoint.every=20"))
+    s, run = result.summary, result.run_dir
+    # a random policy's greedy episodes last about 9 steps; 40k env steps of PPO take it far past that
+    assert s["eval_return_initial"] < 30 and s["eval_return_final"] > 4 * s["eval_return_initial"], s
+    assert s["env_steps"] == 40 * 8 * 128 and s["env_steps_per_second"] > 0
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all(r["throughput/env_steps_per_s"] > 0 and r["staleness/max"] == 0 for r in rows)
+    late = [r["episode/return_recent"] for r in rows[-5:]]
+    assert min(late) > 3 * rows[0]["episode/return_recent"], late
+    assert [r["step"] for r in rows if "eval/return_mean" in r] == [20, 40]
+    for name in ("config.yaml", "summary.json", "curves.png", "trace.json", "ledger.jsonl", "model/policy.pt"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
+    assert check(run / "ledger.jsonl").clean
+
+
+def test_a_resumed_run_continues_to_its_step_count(tmp_path):
+    train(inline(tmp_path, "train.steps=6", "checkpoint.every=3", "eval.every=0"))
+    config = inline(tmp_path, "train.steps=10", "checkpoint.every=3", "eval.every=0")
+    result = train(config, resume=True)
+    assert result.summary["resumed_from_step"] == 6
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["version"] for r in rows] == list(range(1, 11))  # the trainer's version went on from the checkpoint
+    assert rows[-1]["env/steps"] == 10 * 8 * 128
+    assert check(result.run_dir / "ledger.jsonl").clean
+
+
+def test_a_bad_environment_is_refused_before_the_run_starts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "sim.env=NoSuchEnv-v0",
+                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "sim.env='NoSuchEnv-v0'" in out.stderr and "registered Gymnasium id" in out.stderr
+    assert not (tmp_path / "run").exists()
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "sim.env=Pendulum-v1",
+                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "Box action space" in out.stderr and "Discrete" in out.stderr, out.stderr
+
+
+# A user's environment file, given by a path relative to the working directory: CartPole whose step raises once in
+# each actor process (a flag file per process), so the actor's environment is dropped, its fragment retried.
+FLAKY_ENV = """
+import os
+import gymnasium as gym
+from gymnasium.envs.classic_control import CartPoleEnv
+
+class FlakyCartPole(CartPoleEnv):
+    steps = 0
+
+    def step(self, action):
+        FlakyCartPole.steps += 1
+        flag = os.path.join(os.environ["FLAKY_DIR"], f"crashed.{os.getpid()}")
+        if FlakyCartPole.steps == 300 and not os.path.exists(flag):
+            open(flag, "w").close()
+            raise RuntimeError("physics engine diverged")
+        return super().step(action)
+"""
+
+
+def test_a_user_environment_file_runs_on_ray_and_its_crash_costs_only_its_fragment(tmp_path):
+    (tmp_path / "envs").mkdir()
+    (tmp_path / "envs" / "flaky.py").write_text(textwrap.dedent(FLAKY_ENV))
+    proc = start([CARTPOLE, "sim.env=envs/flaky.py:FlakyCartPole", "train.steps=6", "eval.every=0",
+                  "sim.eval_episodes=4", "run_dir=run", "progress=false", "runtime.num_cpus=2"], cwd=tmp_path,
+                 FLAKY_DIR=str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["infra_retries"] >= 1 and summary["env_steps"] == 6 * 8 * 128, summary
+    assert list(tmp_path.glob("crashed.*"))  # it did crash, in an actor's process
+    assert "physics engine diverged" in out, out  # the fault was reported
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 7))
+    assert check(run / "ledger.jsonl").clean
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_run_is_replaced_and_training_goes_on(tmp_path):
+    steps = 30
+    proc = start([CARTPOLE, f"train.steps={steps}", "eval.every=0", "sim.eval_episodes=4", "run_dir=run",
+                  "progress=false", "runtime.num_cpus=2", "runtime.rollout.workers=2"], cwd=tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_for_step(proc, metrics, 5, timeout=180)
+    found = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
+    assert len(found) >= 2, found
+    kill_role_any(proc)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "fault:" in err and "is back" in err, err
+    rows = read_metrics(metrics)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert check(tmp_path / "run" / "ledger.jsonl").clean
+
+
+def kill_role_any(proc):
+    """SIGKILL one of the run's actor workers (there are two)."""
+    import os
+    import signal
+
+    from test_ray_faults import descends_from
+
+    found = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
+    pids = [int(p) for p in found if descends_from(int(p), proc.pid)]
+    assert pids, found
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_cartpole_reaches_its_target_on_ray_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "run_dir=run", "progress=false"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["seconds_to_target"] is not None and s["train_return_recent"] >= 475, s
+    assert s["eval_return_final"] >= 475 and s["eval_success_final"] >= 0.9, s
+
+
+@pytest.mark.slow
+def test_doorkey_learns_and_succeeds_on_held_out_layouts(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", DOORKEY, "run_dir=run", "progress=false"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # An untrained policy almost never finds the key, the door and the goal in 250 steps.
+    assert s["eval_success_initial"] < 0.2 and s["eval_success_final"] > s["eval_success_initial"] + 0.6, s
