@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -130,15 +131,16 @@ def update(agent: Agent, optimizer: torch.optim.Optimizer, batch: dict[str, torc
 
 # -- collect and train -------------------------------------------------------------------------------------------
 def train(env_id: str = "CartPole-v1", total_steps: int = 200_000, seed: int = 0, cfg: PPOConfig | None = None,
-          seconds: float | None = None, log_every: int = 5) -> list[tuple[float, int, float]]:
+          seconds: float | None = None, log_every: int = 5, make_env: Callable[[], gym.Env] | None = None,
+          updates: int | None = None) -> list[tuple[float, int, float]]:
     """Train for ``total_steps`` environment steps (the learning rate anneals over them), or until ``seconds`` of
-    wall time have passed; returns (seconds, env steps, mean return of the last 20 finished episodes) after every
-    update."""
+    wall time have passed, or ``updates`` updates are done; returns (seconds, env steps, mean return of the last 20
+    finished episodes) after every update. ``make_env`` replaces ``gym.make(env_id)``."""
     cfg = cfg or PPOConfig()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     # same-step autoreset: an ended episode's environment is reset within the step, its last observation in info
-    envs = gym.vector.SyncVectorEnv([lambda: gym.make(env_id) for _ in range(cfg.envs)],
+    envs = gym.vector.SyncVectorEnv([make_env or (lambda: gym.make(env_id)) for _ in range(cfg.envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     agent = Agent(envs.single_observation_space.shape[0], envs.single_action_space.n)
     optimizer = torch.optim.Adam(agent.parameters(), lr=cfg.lr, eps=1e-5)
@@ -146,7 +148,8 @@ def train(env_id: str = "CartPole-v1", total_steps: int = 200_000, seed: int = 0
     finished: list[float] = []
     running = np.zeros(cfg.envs)
     history, steps, started, update_no = [], 0, time.perf_counter(), 0
-    while steps < total_steps and (seconds is None or time.perf_counter() - started < seconds):
+    while (steps < total_steps and (seconds is None or time.perf_counter() - started < seconds)
+           and (updates is None or update_no < updates)):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * (1.0 - steps / total_steps)
         cols: dict[str, list[torch.Tensor]] = {k: [] for k in (

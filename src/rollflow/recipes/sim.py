@@ -141,9 +141,14 @@ def spawn_workers(backend: Backend, config: Config, spec: EnvSpec, resumed_at: i
     n = rt.rollout.workers
     actor_threads = rt.rollout.torch_threads or 1
     trainer_threads = rt.trainer.torch_threads or (rt.torch_threads if rt.backend == "inline" else max(1, cores(rt) - n))
+    actor_cpus = rt.rollout.num_cpus
+    if rt.backend == "ray" and rt.address is None and n * actor_cpus > cores(rt) - rt.trainer.num_cpus:
+        # More actors than this machine's cores: Ray would never schedule the last ones (nor the trainer). They
+        # share the cores instead, as processes do.
+        actor_cpus = max(0.0, cores(rt) - rt.trainer.num_cpus) / n
     actors = WorkerGroup.spawn(backend, "actor", RolloutWorker, [
         functools.partial(_actor, config, spec, i, transport, payloads, actor_threads, resumed_at) for i in range(n)
-    ], Resources(rt.rollout.num_cpus, actor_threads, concurrency=rt.rollout.concurrency + 1, restartable=True))
+    ], Resources(actor_cpus, actor_threads, concurrency=rt.rollout.concurrency + 1, restartable=True))
     trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
         functools.partial(_trainer, config, spec, transport, payloads, trainer_threads)
     ], Resources(rt.trainer.num_cpus, trainer_threads))
