@@ -7,6 +7,8 @@ a ``gymnasium.vector.SyncVectorEnv`` of 8 environments, collect 128 steps → GA
 way CleanRL writes it. rollflow runs ``configs/sim/cartpole.yaml`` (the same PPO, network, batch and learning rate)
 on the inline backend and on Ray with 1, 2 and 4 actor workers; the 8 environments of a train step are split over
 the actors (8/k environments each, k calls per step), so every run learns the same problem at the same batch size.
+On the costly environment Ray also runs with one policy worker serving every actor (``ray+policy``:
+``sim.inference=policy_workers``).
 
 Two environments:
 
@@ -66,9 +68,11 @@ def baseline(seed: int, cost: float, updates: int, target: bool) -> dict[str, fl
 
 
 def rollflow_run(seed: int, cost: float, updates: int, backend: str, actors: int, workdir: Path) -> dict[str, float | None]:
+    inference = "policy_workers" if backend == "ray+policy" else "actor"
     overrides = [f"seed={seed}", f"run_dir={workdir / f'{backend}_{actors}_{seed}_{cost}'}", "progress=false",
                  f"train.steps={updates}", "eval.every=0", "sim.eval_episodes=1", "checkpoint.every=0",
-                 "runtime.trace=false", f"runtime.backend={backend}", f"runtime.rollout.workers={actors}",
+                 "runtime.trace=false", f"runtime.backend={backend.split('+')[0]}", f"sim.inference={inference}",
+                 f"runtime.rollout.workers={actors}",
                  f"sim.envs_per_actor={ENVS // actors}", f"sim.calls_per_step={actors}", f"sim.step_cost={cost}",
                  "runtime.torch_threads=1"]
     summary = train(load_config(CONFIG, overrides)).summary
@@ -97,7 +101,8 @@ def main() -> None:
         for env, (cost, updates, target) in envs.items():
             seeds = args.seeds if env == "cartpole" else args.seeds[:1]
             for seed in seeds:
-                kinds = [("baseline", 1)] + [(b, k) for b in ("inline", "ray") for k in args.actors
+                runners = ("inline", "ray") if env == "cartpole" else ("inline", "ray", "ray+policy")
+                kinds = [("baseline", 1)] + [(b, k) for b in runners for k in args.actors
                                              if not (env == "costly" and b == "inline" and k > 1)]
                 for backend, actors in kinds:
                     started = time.perf_counter()

@@ -156,3 +156,24 @@ def test_doorkey_learns_and_succeeds_on_held_out_layouts(tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     # An untrained policy almost never finds the key, the door and the goal in 250 steps.
     assert s["eval_success_initial"] < 0.2 and s["eval_success_final"] > s["eval_success_initial"] + 0.6, s
+
+
+def test_policy_workers_serve_the_actors_inline_and_the_policy_learns(tmp_path):
+    result = train(inline(tmp_path, "train.steps=40", "eval.every=0", "sim.inference=policy_workers",
+                          "runtime.rollout.workers=2", "sim.envs_per_actor=4", "sim.calls_per_step=2"))
+    s = result.summary
+    assert s["eval_return_final"] > 4 * s["eval_return_initial"], s
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert all(r["staleness/max"] == 0 for r in rows)  # inline: each call's actions come from the current version
+
+
+def test_policy_workers_on_ray_from_the_command_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "sim.inference=policy_workers",
+                          "runtime.rollout.workers=2", "sim.envs_per_actor=4", "sim.calls_per_step=2", "train.steps=8",
+                          "eval.every=0", "sim.eval_episodes=4", "run_dir=run", "progress=false"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and max(r["staleness/max"] for r in rows) <= 1
+    assert rows[-1]["env/steps"] == 8 * 1024
+    assert check(tmp_path / "run" / "ledger.jsonl").clean

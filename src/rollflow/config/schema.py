@@ -544,6 +544,11 @@ class SimConfig(Section):
     calls_per_step: int = Field(1, ge=1)
     """Actor calls whose fragments make one train step: env steps per train step = envs_per_actor × fragment_steps ×
     calls_per_step."""
+    inference: Literal["actor", "policy_workers"] = "actor"
+    """Where actions are computed: in each actor (a copy of the policy per actor; cheap environments) or in separate
+    policy workers that batch the requests of every actor (costly environments; actors then only step them)."""
+    policy_workers: int = Field(1, ge=1)
+    """Policy workers, with inference=policy_workers (actor i asks worker i mod policy_workers)."""
     policy: Literal["auto", "mlp", "cnn"] = "auto"
     """The actor-critic: auto is a CNN for image observations (integer (H, W, C)), else an MLP."""
     hidden: list[Annotated[int, Field(ge=1)]] = [64, 64]

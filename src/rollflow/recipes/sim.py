@@ -50,11 +50,12 @@ from rollflow.recipes.grpo import (
     make_backend,
     prepare_run_dir,
 )
-from rollflow.runtime.backend import Backend, Payloads, Resources, WorkerGone
+from rollflow.runtime.backend import Backend, Payloads, Peer, Resources, WorkerGone
 from rollflow.runtime.checkpoint import Checkpoints, read_meta
 from rollflow.runtime.controller import Controller, StepResult, TrainerLost
 from rollflow.runtime.group import WorkerGroup
 from rollflow.runtime.ledger import Ledger
+from rollflow.runtime.policy import PolicyWorker, RemotePolicy
 from rollflow.runtime.roles import TrainerWorker
 from rollflow.runtime.rollout import Limits, RolloutWorker
 from rollflow.runtime.stage import Stage
@@ -106,15 +107,23 @@ def actor_seed(config: Config, actor: int, resumed_at: int = 0) -> int:
 
 
 def _actor(config: Config, spec: EnvSpec, index: int, transport: Any, payloads: Payloads, threads: int,
-           resumed_at: int) -> RolloutWorker:
+           resumed_at: int, peer: Peer | None) -> RolloutWorker:
     sim = config.sim
     assert sim is not None
     torch.set_num_threads(threads)
-    engine = TorchPolicyEngine(build_policy(sim, spec, config.seed), seed=config.seed * 7919 + index)
+    engine = RemotePolicy(peer) if peer is not None else TorchPolicyEngine(build_policy(sim, spec, config.seed),
+                                                                             seed=config.seed * 7919 + index)
     make = functools.partial(make_env, sim.env, sim.env_kwargs, sim.frame_stack, sim.step_cost)
     workflow = VectorFragments(make, sim.fragment_steps, actor_seed(config, index, resumed_at), sim.step_timeout)
     return RolloutWorker(engine, transport, workflow, payloads=payloads, threads=threads,
                          limits=Limits(engine=config.rollout.engine_timeout))
+
+
+def _policy_worker(config: Config, spec: EnvSpec, index: int, transport: Any, threads: int) -> PolicyWorker:
+    assert config.sim is not None
+    torch.set_num_threads(threads)
+    engine = TorchPolicyEngine(build_policy(config.sim, spec, config.seed), seed=config.seed * 7919 + 5000 + index)
+    return PolicyWorker(engine, transport, threads)
 
 
 def _trainer(config: Config, spec: EnvSpec, transport: Any, payloads: Payloads, threads: int) -> TrainerWorker:
@@ -131,6 +140,7 @@ class SimWorkers:
     actors: WorkerGroup
     trainer: WorkerGroup
     transport: Any
+    policy: WorkerGroup | None = None  # sim.inference=policy_workers
 
 
 def spawn_workers(backend: Backend, config: Config, spec: EnvSpec, resumed_at: int) -> SimWorkers:
@@ -141,19 +151,27 @@ def spawn_workers(backend: Backend, config: Config, spec: EnvSpec, resumed_at: i
     n = rt.rollout.workers
     actor_threads = rt.rollout.torch_threads or 1
     trainer_threads = rt.trainer.torch_threads or (rt.torch_threads if rt.backend == "inline" else max(1, cores(rt) - n))
+    servers = config.sim.policy_workers if config.sim.inference == "policy_workers" else 0
     actor_cpus = rt.rollout.num_cpus
-    if rt.backend == "ray" and rt.address is None and n * actor_cpus > cores(rt) - rt.trainer.num_cpus:
+    if rt.backend == "ray" and rt.address is None and (n + servers) * actor_cpus > cores(rt) - rt.trainer.num_cpus:
         # More actors than this machine's cores: Ray would never schedule the last ones (nor the trainer). They
         # share the cores instead, as processes do.
-        actor_cpus = max(0.0, cores(rt) - rt.trainer.num_cpus) / n
+        actor_cpus = max(0.0, cores(rt) - rt.trainer.num_cpus) / (n + servers)
+    policy, peers = None, [None] * n
+    if servers:
+        policy = WorkerGroup.spawn(backend, "policy", PolicyWorker, [
+            functools.partial(_policy_worker, config, spec, j, transport, actor_threads) for j in range(servers)
+        ], Resources(actor_cpus, actor_threads, concurrency=1000, restartable=True))  # every actor's requests at once
+        peers = [backend.peer(policy.workers[i % servers]) for i in range(n)]
     actors = WorkerGroup.spawn(backend, "actor", RolloutWorker, [
-        functools.partial(_actor, config, spec, i, transport, payloads, actor_threads, resumed_at) for i in range(n)
+        functools.partial(_actor, config, spec, i, transport, payloads, actor_threads, resumed_at, peers[i])
+        for i in range(n)
     ], Resources(actor_cpus, actor_threads, concurrency=rt.rollout.concurrency + 1, restartable=True))
     trainer = WorkerGroup.spawn(backend, "trainer", TrainerWorker, [
         functools.partial(_trainer, config, spec, transport, payloads, trainer_threads)
     ], Resources(rt.trainer.num_cpus, trainer_threads))
-    backend.wait_started(actors.workers + trainer.workers)
-    return SimWorkers(actors, trainer, transport)
+    backend.wait_started(actors.workers + trainer.workers + (policy.workers if policy else []))
+    return SimWorkers(actors, trainer, transport, policy)
 
 
 def staleness(config: Config) -> int:

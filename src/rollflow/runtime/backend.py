@@ -124,7 +124,28 @@ class Backend(Protocol):
 
     def weight_transport(self) -> Any: ...
 
+    def peer(self, worker: Any) -> Peer:
+        """A reference to ``worker`` that another worker can hold and call (``await peer.call(method, ...)``)."""
+        ...
+
     def shutdown(self) -> None: ...
+
+
+class Peer(Protocol):
+    """A worker as another worker calls it (an actor asking a policy worker for actions): picklable, awaitable."""
+
+    async def call(self, method: str, *args: Any) -> Any: ...
+
+
+class InlinePeer:
+    """``Peer`` of a worker in this process: its method, called on the caller's event loop (awaited if async)."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    async def call(self, method: str, *args: Any) -> Any:
+        result = getattr(self.worker, method)(*args)
+        return await result if inspect.isawaitable(result) else result
 
 
 class _Done:
@@ -217,6 +238,9 @@ class InlineBackend:
 
     def weight_transport(self) -> InlineWeightTransport:
         return InlineWeightTransport()
+
+    def peer(self, worker: Any) -> InlinePeer:
+        return InlinePeer(worker)
 
     def shutdown(self) -> None:
         """Cancel the async calls still running (a run stopped by an error) and close the loop."""

@@ -264,6 +264,24 @@ class RayWeightTransport:
         return None if ref is None else ray.get(ref)
 
 
+class RayPeer:
+    """``Peer`` of a Ray worker, travelling as its actor's name: the handle is looked up in the process that calls
+    (and again after the actor was rebuilt, which keeps its name)."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name, self.namespace = name, namespace
+        self._handle: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"name": self.name, "namespace": self.namespace, "_handle": None}
+
+    async def call(self, method: str, *args: Any) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        result, _ = self._handle.call.remote(method, *args)
+        return await result
+
+
 _BOARD = "weights"  # the weight board's actor name, in its backend's namespace
 
 
@@ -407,6 +425,9 @@ class RayBackend:
 
     def weight_transport(self) -> RayWeightTransport:
         return RayWeightTransport(self.namespace)
+
+    def peer(self, worker: Any) -> RayPeer:
+        return RayPeer(self._names[worker].replace("/", "-"), self.namespace)
 
     def shutdown(self) -> None:
         for actor in self._actors:
