@@ -3,6 +3,8 @@ and on Ray (the default) from the command line, with a user's own environment fi
 actor worker, a resumed run, and the learning each built-in config promises."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_ray_faults import kill_role
+from test_ray_faults import descends_from
 from test_resume import start, wait_for_step
 
 from rollflow.config import load_config
@@ -126,11 +128,6 @@ def test_an_actor_killed_mid_run_is_replaced_and_training_goes_on(tmp_path):
 
 def kill_role_any(proc):
     """SIGKILL one of the run's actor workers (there are two)."""
-    import os
-    import signal
-
-    from test_ray_faults import descends_from
-
     found = subprocess.run(["pgrep", "-f", "ray::RolloutWorker"], capture_output=True, text=True).stdout.split()
     pids = [int(p) for p in found if descends_from(int(p), proc.pid)]
     assert pids, found
