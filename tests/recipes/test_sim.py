@@ -69,6 +69,10 @@ def test_a_bad_environment_is_refused_before_the_run_starts(tmp_path):
     out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "sim.env=Pendulum-v1",
                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "Box action space" in out.stderr and "Discrete" in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CARTPOLE, "sim.policy=cnn",
+                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "sim.policy=cnn needs image observations" in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # A user's environment file, given by a path relative to the working directory: CartPole whose step raises once in

@@ -36,7 +36,7 @@ import torch
 from rollflow.algos.pg import PolicyGradientStep
 from rollflow.algos.ppo import APPOStep, PPOStep
 from rollflow.api import Column, Status, TrainStep
-from rollflow.config import Config
+from rollflow.config import Config, ConfigError
 from rollflow.config.schema import SimConfig
 from rollflow.engines.policy import ActorCriticCNN, ActorCriticMLP, TorchPolicyEngine, TorchPolicyTrainer
 from rollflow.envs.simulator import EnvSpec, env_spec, make_env
@@ -74,8 +74,8 @@ def build_policy(sim: SimConfig, spec: EnvSpec, seed: int) -> torch.nn.Module:
     cnn = sim.policy == "cnn" or (sim.policy == "auto" and spec.image)
     if cnn:
         if len(spec.observation_shape) < 3:
-            raise ValueError(f"sim.policy=cnn needs image observations (H, W, C); {sim.env} gives "
-                             f"{spec.observation_shape}")
+            raise ConfigError(f"sim.policy=cnn needs image observations (H, W, C); {sim.env} gives "
+                              f"{spec.observation_shape}: use sim.policy=mlp (or auto)")
         return ActorCriticCNN(spec.observation_shape, spec.actions, tuple(sim.channels), sim.hidden[-1], seed,
                               normalize_rewards=sim.normalize_rewards)
     obs_dim = math.prod(spec.observation_shape)

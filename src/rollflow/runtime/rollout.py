@@ -274,6 +274,7 @@ class RolloutWorker:
             bug = RuntimeError(f"run_batch returned {len(outs)} results for {len(tasks)} task instances")
             return [bug] * len(tasks)
         finished = time.time()
+        self._record(Span("run_batch", started, finished, {"samples": len(tasks)}))  # the call is the engine's work
         return [(out, started, finished) for out in outs]
 
     def batcher(self, params: SamplingParams | None) -> Batcher | Requests:
