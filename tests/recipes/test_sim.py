@@ -181,3 +181,16 @@ def test_policy_workers_on_ray_from_the_command_line(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 9)) and max(r["staleness/max"] for r in rows) <= 1
     assert rows[-1]["env/steps"] == 8 * 1024
     assert check(tmp_path / "run" / "ledger.jsonl").clean
+
+
+def test_held_out_evaluation_uses_its_own_env_settings_and_reports_each_kind_of_task(tmp_path):
+    config = load_config(DOORKEY, ["runtime.backend=inline", f"run_dir={tmp_path / 'run'}", "progress=false",
+                                   "sim.env=rollflow.envs.worlds:CrossViewWorld", "sim.eval_episodes=30",
+                                   "sim.eval_env_kwargs={split: unseen, interactions: [toggle]}", "train.steps=2",
+                                   "sim.envs_per_actor=2", "sim.fragment_steps=16", "train.minibatches_per_step=2",
+                                   "eval.every=0"])
+    result = train(config)
+    final = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/success" in r][-1]
+    # training draws every interaction; the held-out episodes only what eval_env_kwargs allows
+    assert {k for k in final if k.startswith("eval/success/")} == {"eval/success/toggle"}, final
+    assert final["eval/success/toggle"] == final["eval/success"] == result.summary["eval_success_final"]

@@ -589,6 +589,8 @@ class SimConfig(Section):
     the return a held-out episode must reach to count as a success; null: success is a positive return."""
     eval_episodes: int = Field(20, ge=1)
     """Greedy held-out episodes per evaluation (eval.every steps, at the start and at the end)."""
+    eval_env_kwargs: dict[str, Any] = {}
+    """Merged over env_kwargs for the held-out episodes only (e.g. {split: unseen}: worlds never trained on)."""
     eval_seed: int = Field(1_000_000_000, ge=0)
     """First environment seed of the held-out episodes; training environments use seeds below it."""
 

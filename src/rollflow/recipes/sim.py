@@ -206,16 +206,17 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
     model = build_policy(sim, spec, config.seed)
     model.load_state_dict(weights.tensors)
     model.eval()
-    envs = [make_env(sim.env, sim.env_kwargs, sim.frame_stack) for _ in range(sim.eval_episodes)]
+    envs = [make_env(sim.env, {**sim.env_kwargs, **sim.eval_env_kwargs}, sim.frame_stack)
+            for _ in range(sim.eval_episodes)]
     obs = [torch.as_tensor(e.reset(seed=sim.eval_seed + j)[0], dtype=torch.float32) for j, e in enumerate(envs)]
-    returns, lengths = [0.0] * len(envs), [0] * len(envs)
+    returns, lengths, infos = [0.0] * len(envs), [0] * len(envs), [{} for _ in envs]
     live, failed = list(range(len(envs))), set()
     while live:
         actions = model(torch.stack([obs[j] for j in live])).argmax(-1)
         still = []
         for j, a in zip(live, actions.tolist()):
             try:
-                o, r, terminated, truncated, _ = envs[j].step(a)
+                o, r, terminated, truncated, infos[j] = envs[j].step(a)
             except Exception:  # the environment's fault, not the policy's: the episode is left out and counted
                 failed.add(j)
                 continue
@@ -231,10 +232,21 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
     if not kept:
         raise RuntimeError(f"every held-out episode's environment ({sim.env}) raised during evaluation")
     target = sim.target_return
-    success = [returns[j] >= target if target is not None else returns[j] > 0 for j in kept]
-    return {"eval/return_mean": sum(returns[j] for j in kept) / len(kept),
-            "eval/length_mean": sum(lengths[j] for j in kept) / len(kept),
-            "eval/success": sum(success) / len(success), "eval/failed_episodes": len(failed)}
+
+    def succeeded(j: int) -> bool:  # the environment's own word (info["success"]) if it gives one
+        if "success" in infos[j]:
+            return bool(infos[j]["success"])
+        return returns[j] >= target if target is not None else returns[j] > 0
+
+    success = {j: succeeded(j) for j in kept}
+    metrics = {"eval/return_mean": sum(returns[j] for j in kept) / len(kept),
+               "eval/length_mean": sum(lengths[j] for j in kept) / len(kept),
+               "eval/success": sum(success.values()) / len(success), "eval/failed_episodes": len(failed)}
+    kinds = sorted({str(infos[j]["interaction"]) for j in kept if "interaction" in infos[j]})
+    for kind in kinds:  # a multi-task environment names each episode's kind of task
+        mine = [success[j] for j in kept if infos[j].get("interaction") == kind]
+        metrics[f"eval/success/{kind}"] = sum(mine) / len(mine)
+    return metrics
 
 
 # -- the run ------------------------------------------------------------------------------------------------------------
