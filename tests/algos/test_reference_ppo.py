@@ -227,3 +227,41 @@ def test_appo_step_trains_on_vtrace_targets_of_the_current_policy():
     torch.testing.assert_close(batch.returns, vs[0])
     torch.testing.assert_close(batch.advantages, adv[0])
     assert 0.0 < metrics["vtrace/rho_clipped"] < 1.0  # some actions likelier under π than under μ, some less
+
+
+def test_the_kl_term_holds_the_policy_to_its_frozen_reference_and_its_weight_decays():
+    from rollflow.algos.ppo import PPOStep, kl_weight
+    from rollflow.api import Fragment, SampleRow
+    from rollflow.engines.policy import ActorCriticMLP, TorchPolicyTrainer
+
+    def fragment(seed):
+        g = torch.Generator().manual_seed(seed)
+        T = 32
+        obs = torch.randn(T + 1, 4, generator=g)
+        actions = torch.zeros(T, dtype=torch.long)  # always action 0, which the rewards favour strongly
+        return Fragment(obs, actions, torch.full((T,), 5.0), torch.zeros(T, dtype=torch.bool),
+                        torch.full((T,), -0.69), torch.zeros(T, dtype=torch.long))
+
+    def rows():
+        frags = [fragment(s) for s in range(4)]
+        return [[SampleRow(i, i, {"fragment": f}, {})] for i, f in enumerate(frags)]
+
+    def drift(kl_coef):
+        trainer = TorchPolicyTrainer(ActorCriticMLP(4, 2, (16,)), lr=0.02)
+        trainer.freeze_reference()
+        step = PPOStep(kl_coef=kl_coef, minibatches=1, epochs=4, clip=10.0)
+        for _ in range(6):
+            step(rows(), trainer, None)
+        obs = torch.randn(256, 4, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            p, q = trainer.model(obs).log_softmax(-1), trainer.reference(obs).log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()  # exact KL(π ‖ π_ref) over the actions
+
+    free, held = drift(0.0), drift(50.0)
+    assert free > 0.1 and held < free / 5, (free, held)
+    step = PPOStep(kl_coef=0.2, kl_decay_steps=10)
+    trainer = TorchPolicyTrainer(ActorCriticMLP(4, 2, (16,)), lr=0.02)
+    trainer._version = 7
+    trainer.set_lr(0.02)  # RL starts at version 7: the decay counts from there
+    trainer._version = 12
+    assert kl_weight(step, trainer) == pytest.approx(0.1)

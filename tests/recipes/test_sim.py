@@ -194,3 +194,36 @@ def test_held_out_evaluation_uses_its_own_env_settings_and_reports_each_kind_of_
     # training draws every interaction; the held-out episodes only what eval_env_kwargs allows
     assert {k for k in final if k.startswith("eval/success/")} == {"eval/success/toggle"}, final
     assert final["eval/success/toggle"] == final["eval/success"] == result.summary["eval_success_final"]
+
+
+CROSSVIEW = str(ROOT / "configs/sim/crossview.yaml")
+
+
+def test_behaviour_cloning_of_the_planner_then_rl_with_a_kl_to_it(tmp_path):
+    config = load_config(CROSSVIEW, ["runtime.backend=inline", f"run_dir={tmp_path / 'run'}", "progress=false",
+                                     "sim.bc_steps=300", "sim.bc_episodes=400", "sim.eval_episodes=60",
+                                     "sim.eval_env_kwargs={split: train}", "train.steps=3", "sim.envs_per_actor=4",
+                                     "sim.calls_per_step=1", "train.minibatches_per_step=2", "eval.every=0",
+                                     "runtime.rollout.workers=1", "sim.kl_decay_steps=2"])
+    result = train(config)
+    s = result.summary
+    # the cloned planner solves far more training-world tasks than the random initial policy
+    assert s["eval_success_after_bc"] > s["eval_success_initial"] + 0.3, s
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    bc = [r for r in rows if "bc/nll" in r]
+    assert [r["step"] for r in bc] == [-200, -100, 0] and bc[-1]["bc/nll"] < 0.7 * bc[0]["bc/nll"], bc
+    rl = [r for r in rows if r["step"] > 0]
+    assert [r["kl/coef"] for r in rl] == pytest.approx([0.1, 0.05, 0.0])  # decays to 0 over 2 RL steps
+    assert rl[0]["kl/ref"] < 0.05  # RL starts at the cloned policy
+    assert [r["version"] for r in rl] == [301, 302, 303]  # 300 BC versions, then RL's
+    assert (result.run_dir / "checkpoints" / "step_000000").is_dir()  # "after BC": a resume skips it
+
+
+def test_behaviour_cloning_settings_are_checked(tmp_path):
+    for overrides, message in ((["sim.demonstrator=null"], "sim.bc_steps needs sim.demonstrator"),
+                               (["sim.bc_steps=0"], "it needs sim.bc_steps > 0"),
+                               (["sim.demonstrator=rollflow.envs.worlds:no_such_planner"], "sim.demonstrator=")):
+        out = subprocess.run([sys.executable, "-m", "rollflow.cli", "train", CROSSVIEW, *overrides,
+                              "runtime.backend=inline", f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr, (overrides, out.stderr)

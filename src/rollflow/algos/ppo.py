@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from rollflow.algos.advantages import reverse_scan
+from rollflow.algos.kl import k3
 from rollflow.algos.pg import episode_metrics, kept_fragments, returns_to_go
 from rollflow.algos.policy_step import staleness_metrics
 from rollflow.api import CriticEngine, Fragment, LossOutput, PolicyTrainEngine, SampleRow, StepBatch
@@ -130,6 +131,8 @@ class PPOStep:
     entropy_coef: float = 0.0
     normalize_advantages: bool = True
     normalize_rewards: bool = False  # divide rewards by the running std of discounted returns (``scaled_rewards``)
+    kl_coef: float = 0.0  # weight of KL(π ‖ π_ref) to the engine's frozen reference (its warm start), k3 estimator
+    kl_decay_steps: int = 0  # the KL weight falls linearly to 0 over this many RL steps (0: constant)
     minibatches: int = 4
     epochs: int = 4
     column: str = "fragment"
@@ -182,6 +185,8 @@ class APPOStep:
     entropy_coef: float = 0.0
     normalize_advantages: bool = True
     normalize_rewards: bool = False  # as in ``PPOStep``
+    kl_coef: float = 0.0  # as in ``PPOStep``
+    kl_decay_steps: int = 0
     minibatches: int = 2
     epochs: int = 1
     column: str = "fragment"
@@ -220,10 +225,18 @@ def actor_critic_update(step: PPOStep | APPOStep, engine: PolicyTrainEngine, row
     """``step.epochs`` passes of ``step.minibatches`` updates on ``ppo_loss`` over ``batch`` (advantages, returns and
     old values filled in); returns the step's metrics."""
 
+    coef = kl_weight(step, engine)
+    if coef > 0:
+        batch.ref_logprobs = engine.reference_logprobs(batch)  # type: ignore[attr-defined]
+
     def loss(logp: torch.Tensor, entropy: torch.Tensor, mb: StepBatch, v: torch.Tensor) -> LossOutput:
         total, metrics = ppo_loss(logp, mb.behav_logprobs, mb.advantages, v, mb.old_values, mb.returns, entropy,
                                   step.clip, step.value_clip, step.value_coef, step.entropy_coef,
                                   step.normalize_advantages)
+        if coef > 0:
+            kl = k3(logp, mb.ref_logprobs).mean()
+            total = total + coef * kl
+            metrics["kl/ref"] = kl.item()
         return LossOutput(total, metrics)
 
     loss.needs_values = True  # type: ignore[attr-defined]
@@ -231,10 +244,23 @@ def actor_critic_update(step: PPOStep | APPOStep, engine: PolicyTrainEngine, row
     lag = trained_at - batch.versions  # (N,) versions behind the trainer
     metrics = engine.train_step(batch, loss, step.minibatches, step.epochs)
     metrics.update(episode_metrics(rows, kept))
+    if step.kl_coef > 0:
+        metrics["kl/coef"] = coef
     metrics["value/mean"] = batch.old_values.mean().item()
     metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns)
     metrics.update(staleness_metrics(trained_at, [f.version for f in kept], lag))
     return metrics
+
+
+def kl_weight(step: PPOStep | APPOStep, engine: PolicyTrainEngine) -> float:
+    """The KL weight of this step: ``kl_coef``, decayed linearly to 0 over ``kl_decay_steps`` RL steps (counted from
+    the start of RL: ``engine.phase_steps``)."""
+    if step.kl_coef <= 0:
+        return 0.0
+    if not step.kl_decay_steps:
+        return step.kl_coef
+    done = getattr(engine, "phase_steps", engine.version)
+    return step.kl_coef * max(0.0, 1.0 - done / step.kl_decay_steps)
 
 
 def explained_variance(predicted: torch.Tensor, targets: torch.Tensor) -> float:

@@ -90,6 +90,7 @@ class StepBatch:
     versions: torch.Tensor  # (N,) long, policy version that chose each action
     returns: torch.Tensor | None = None  # (N,) value targets, for an actor-critic loss
     old_values: torch.Tensor | None = None  # (N,) the value estimates the advantages were computed with
+    ref_logprobs: torch.Tensor | None = None  # (N,) under a frozen reference policy, for a KL term
 
     def __len__(self) -> int:
         return self.actions.shape[0]

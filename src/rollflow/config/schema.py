@@ -577,6 +577,21 @@ class SimConfig(Section):
     """V-trace's clip of the importance ratio in the targets and advantages (appo)."""
     c_bar: float = Field(1.0, gt=0.0)
     """V-trace's clip of the traces (appo)."""
+    demonstrator: str | None = None
+    """'module:function' returning the action a scripted expert takes in an environment (given the unwrapped
+    environment), e.g. rollflow.envs.worlds:planner_action; needed by bc_steps."""
+    bc_steps: int = Field(0, ge=0)
+    """Behaviour-cloning updates on the demonstrator's actions before RL (0: none)."""
+    bc_episodes: int = Field(2000, ge=1)
+    """Demonstrated episodes collected for behaviour cloning (training environments)."""
+    bc_batch: int = Field(256, ge=1)
+    """Demonstrated steps per behaviour-cloning update."""
+    bc_lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of behaviour cloning."""
+    kl_coef: float = Field(0.0, ge=0.0)
+    """Weight of KL(π ‖ π_BC) to the behaviour-cloned policy during RL (ppo, appo; needs bc_steps)."""
+    kl_decay_steps: int = Field(0, ge=0)
+    """The KL weight falls linearly to 0 over this many RL steps (0: constant)."""
     anneal_lr: bool = True
     """Decay train.lr linearly to 0 over train.steps."""
     step_timeout: float | None = Field(None, gt=0.0)
@@ -647,6 +662,12 @@ class Config(Section):
                 raise ValueError(f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds the env steps "
                                  f"per train step ({steps} = sim.envs_per_actor × sim.fragment_steps × "
                                  f"sim.calls_per_step)")
+            if self.sim.bc_steps and self.sim.demonstrator is None:
+                raise ValueError("sim.bc_steps needs sim.demonstrator ('module:function' giving the expert's action)")
+            if self.sim.kl_coef > 0 and not self.sim.bc_steps:
+                raise ValueError("sim.kl_coef is a KL term to the behaviour-cloned policy: it needs sim.bc_steps > 0")
+            if self.sim.kl_coef > 0 and self.sim.algorithm == "pg":
+                raise ValueError("sim.kl_coef is applied by ppo and appo; sim.algorithm=pg has none")
             if self.sim.eval_seed < (self.seed + 1) * 1_000_000:
                 raise ValueError(f"sim.eval_seed={self.sim.eval_seed} overlaps the training environments' seeds "
                                  f"(seed·10⁶ + actor·10⁴ + k, up to {(self.seed + 1) * 1_000_000}); raise it")

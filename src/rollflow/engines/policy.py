@@ -9,6 +9,9 @@ Not covered: continuous actions (a Gaussian head would be another module with th
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 
 from rollflow.api import LossOutput, StepBatch, StepLossFn
@@ -169,13 +172,47 @@ class TorchPolicyTrainer(AdamWTrainer):
                  anneal_steps: int = 0) -> None:
         super().__init__(model, lr, weight_decay, betas, grad_clip, seed)
         self.anneal_steps = anneal_steps
+        self.origin = 0  # the version the current phase started at (``set_lr``): annealing counts from it
+        self.reference: torch.nn.Module | None = None  # a frozen copy of the policy (``freeze_reference``)
+
+    @property
+    def phase_steps(self) -> int:
+        """Steps since the current phase began (the last ``set_lr``): a warm start's steps do not count for RL."""
+        return self.version - self.origin
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate from now on; annealing starts again from here (a new phase, e.g. RL after BC)."""
+        super().set_lr(lr)
+        self.origin = self.version
+
+    def freeze_reference(self) -> None:
+        """Keep a frozen copy of the policy as it is now (e.g. after behaviour cloning), for a KL term to it."""
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: StepBatch) -> torch.Tensor:
+        """Log-probs (N,) of the batch's actions under the frozen reference (``freeze_reference`` first)."""
+        if self.reference is None:
+            raise RuntimeError("no reference policy: call freeze_reference (after the warm start) before a KL term")
+        return action_logprobs(self.reference, batch.observations, batch.actions)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "origin": self.origin,
+                "reference": None if self.reference is None else self.reference.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.origin = state.get("origin", 0)
+        if state.get("reference") is not None:
+            self.freeze_reference()
+            self.reference.load_state_dict(state["reference"])
 
     def train_step(self, batch: StepBatch, loss_fn: StepLossFn, minibatches: int = 1, epochs: int = 1,
                    lr_scale: float = 1.0) -> dict[str, float]:
         """``epochs`` passes over ``batch``, each cut into ``minibatches`` updates at ``lr_scale`` × the learning
         rate (× the annealing factor); then version += 1."""
         if self.anneal_steps:
-            lr_scale *= max(0.0, 1.0 - self.version / self.anneal_steps)
+            lr_scale *= max(0.0, 1.0 - self.phase_steps / self.anneal_steps)
 
         needs_values = getattr(loss_fn, "needs_values", False)
         if needs_values and not callable(getattr(self.model, "value", None)):

@@ -22,6 +22,7 @@ fresh environments, from seeds shifted by the step it resumes at).
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import math
 import random
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from rollflow.algos.imitation import bc_loss, demonstration_batch
 from rollflow.algos.pg import PolicyGradientStep
 from rollflow.algos.ppo import APPOStep, PPOStep
 from rollflow.api import Column, Status, TrainStep
@@ -94,10 +96,12 @@ def build_step(config: Config) -> TrainStep:
     elif sim.algorithm == "appo":
         step = APPOStep(gamma=sim.gamma, clip=sim.clip, rho_bar=sim.rho_bar, c_bar=sim.c_bar, value_clip=sim.value_clip,
                         value_coef=sim.value_coef, normalize_advantages=sim.normalize_advantages,
-                        normalize_rewards=sim.normalize_rewards, **common)
+                        normalize_rewards=sim.normalize_rewards, kl_coef=sim.kl_coef,
+                        kl_decay_steps=sim.kl_decay_steps, **common)
     else:
         step = PPOStep(gamma=sim.gamma, lam=sim.lam, clip=sim.clip, value_clip=sim.value_clip, value_coef=sim.value_coef,
-                       normalize_advantages=sim.normalize_advantages, normalize_rewards=sim.normalize_rewards, **common)
+                       normalize_advantages=sim.normalize_advantages, normalize_rewards=sim.normalize_rewards,
+                       kl_coef=sim.kl_coef, kl_decay_steps=sim.kl_decay_steps, **common)
     return step
 
 
@@ -249,6 +253,57 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
     return metrics
 
 
+# -- behaviour cloning --------------------------------------------------------------------------------------------------
+def demonstrations(config: Config, spec: EnvSpec) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``sim.bc_episodes`` episodes of the demonstrator (``sim.demonstrator``: a function of the environment that
+    returns its action) on training environments: observations (N, *obs), actions (N,), and its success rate."""
+    sim = config.sim
+    assert sim is not None and sim.demonstrator is not None
+    act = _function(sim.demonstrator)
+    env = make_env(sim.env, sim.env_kwargs, sim.frame_stack)
+    base = env.unwrapped
+    observations, actions, successes = [], [], []
+    for episode in range(sim.bc_episodes):
+        obs, info = env.reset(seed=config.seed * 1_000_000 + 999_000 + episode)
+        for _ in range(100_000):
+            action = int(act(base))
+            observations.append(torch.as_tensor(obs, dtype=torch.float32))
+            actions.append(action)
+            obs, reward, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        successes.append(bool(info.get("success", reward > 0)))
+    env.close()
+    return torch.stack(observations), torch.tensor(actions), sum(successes) / len(successes)
+
+
+def behaviour_cloning(config: Config, spec: EnvSpec, trainer: WorkerGroup, tracker: Tracker) -> float:
+    """``sim.bc_steps`` updates of ``algos.imitation.bc_loss`` on minibatches of ``sim.bc_batch`` demonstrated
+    steps at ``sim.bc_lr``; returns the seconds it took (collection included)."""
+    sim = config.sim
+    assert sim is not None
+    started = time.perf_counter()
+    observations, actions, success = demonstrations(config, spec)
+    tracker.note(f"behaviour cloning: {len(actions)} demonstrated steps from {sim.bc_episodes} episodes of "
+                 f"{sim.demonstrator} (its success {success:.2f})")
+    generator = torch.Generator().manual_seed(config.seed)
+    for step in range(sim.bc_steps):
+        index = torch.randint(len(actions), (min(sim.bc_batch, len(actions)),), generator=generator)
+        m = trainer.call(0, "sft", demonstration_batch(observations[index], actions[index]), bc_loss, sim.bc_lr)
+        if (step + 1) % 100 == 0 or step == sim.bc_steps - 1:
+            tracker.log_step(step + 1 - sim.bc_steps, {"bc/nll": m["loss"]}, advance=0)
+    return time.perf_counter() - started
+
+
+def _function(target: str) -> Any:
+    module, _, name = target.rpartition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"sim.demonstrator={target!r}: {e}; give 'module:function' (a function of the "
+                          f"environment that returns its action)") from e
+
+
 # -- the run ------------------------------------------------------------------------------------------------------------
 @dataclass
 class SimProgress:
@@ -258,6 +313,7 @@ class SimProgress:
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # returns of the last finished training episodes
     reached_target: float | None = None  # training seconds when the recent mean first reached sim.target_return
     train_seconds: float = 0.0  # RL time so far (evaluations excluded), over every attempt
+    bc_seconds: float = 0.0  # behaviour cloning (collecting the demonstrations and training on them)
     evals: list[dict[str, Any]] = field(default_factory=list)
     nonfinite_streak: int = 0
 
@@ -309,6 +365,8 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> R
         sim.env = f"{Path(where).resolve()}:{name}"
     spec = env_spec(sim.env, sim.env_kwargs, sim.frame_stack)  # a bad environment fails before the run dir is touched
     build_policy(sim, spec, config.seed)
+    if sim.demonstrator is not None:
+        _function(sim.demonstrator)
     checkpoint = prepare_run_dir(config, resume, overwrite)
     restarts = 0
     with StopSignals() as stop:
@@ -363,13 +421,25 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
             else:
                 trainer.publish()  # version 0: the weights actors start from
                 first = evaluate(config, spec, workers.transport.latest(newer_than=-1))
-                progress.evals.append({"step": 0, **first})
+                progress.evals.append({"step": 0, "label": "initial", **first})
                 tracker.log_eval(0, first["eval/success"], "initial")
+                if sim.bc_steps:
+                    progress.bc_seconds = behaviour_cloning(config, spec, trainer, tracker)
+                    trainer.publish()
+                    after = evaluate(config, spec, workers.transport.latest(newer_than=-1))
+                    progress.evals.append({"step": 0, "label": "after BC", **after})
+                    tracker.log_eval(0, after["eval/success"], "after BC")
+                    if sim.kl_coef > 0:
+                        trainer.freeze_reference()
+                trainer.set_lr(t.lr)  # RL's phase: the learning rate anneals from here
                 controller = build_pipeline(config, workers, trainer.version(), tracer, ledger)
 
             def save_checkpoint(step: int, why: str) -> Path:
                 return checkpoints.save(step, functools.partial(_write_checkpoint, workers, controller, tracker, ledger,
                                                                 progress, step, why))
+
+            if meta is None and sim.bc_steps:
+                save_checkpoint(0, "after BC")
 
             history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["step"] > 0]
             last = time.perf_counter()
@@ -448,6 +518,8 @@ def run_summary(config: Config, progress: SimProgress, controller: Controller, r
         "eval_return_final": final.get("eval/return_mean"),
         "eval_success_initial": first.get("eval/success"),
         "eval_success_final": final.get("eval/success"),
+        "eval_success_after_bc": next((e["eval/success"] for e in progress.evals if e.get("label") == "after BC"), None),
+        "bc_seconds": progress.bc_seconds,
         "train_return_recent": sum(progress.recent) / len(progress.recent) if progress.recent else None,
         "target_return": sim.target_return,
         "seconds_to_target": progress.reached_target,

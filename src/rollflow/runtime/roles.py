@@ -169,6 +169,13 @@ class TrainerWorker:
         return True
 
     @dispatch(Mode.FIRST)
+    def freeze_reference(self) -> int:
+        """Keep the policy as it is now as the engine's frozen reference (a simulator recipe's KL term to its warm
+        start); returns the version kept."""
+        self.engine.freeze_reference()  # type: ignore[attr-defined]
+        return self.engine.version
+
+    @dispatch(Mode.FIRST)
     def set_threads(self, n: int) -> None:
         """torch threads of the trainer's process, per phase (SFT runs alone; RL shares the cores with rollout)."""
         torch.set_num_threads(n)
