@@ -604,6 +604,9 @@ class SimConfig(Section):
     the return a held-out episode must reach to count as a success; null: success is a positive return."""
     eval_episodes: int = Field(20, ge=1)
     """Greedy held-out episodes per evaluation (eval.every steps, at the start and at the end)."""
+    eval_greedy: bool = True
+    """Held-out episodes take the most likely action; false: they sample from the policy (a seeded generator), which
+    a greedy policy stuck in a loop (MiniGrid) may need to show what it learned."""
     eval_env_kwargs: dict[str, Any] = {}
     """Merged over env_kwargs for the held-out episodes only (e.g. {split: unseen}: worlds never trained on)."""
     eval_seed: int = Field(1_000_000_000, ge=0)

@@ -202,9 +202,11 @@ def build_pipeline(config: Config, workers: SimWorkers, version: int, tracer: Tr
 # -- evaluation ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
-    """Greedy episodes of the policy ``weights`` on ``sim.eval_episodes`` environments seeded ``sim.eval_seed``,
-    ``+1``, … (seeds no training environment uses), all stepped together: mean return and length, and success, the
-    share of episodes whose return reaches ``sim.target_return`` (if set) or is positive."""
+    """Episodes of the policy ``weights`` (greedy; sampled with ``sim.eval_greedy=false``) on ``sim.eval_episodes``
+    environments seeded ``sim.eval_seed``, ``+1``, … (seeds no training environment uses), made with
+    ``sim.eval_env_kwargs`` over ``sim.env_kwargs``, all stepped together: mean return and length, and success (the
+    environment's ``info["success"]``, else a return reaching ``sim.target_return`` if set, or a positive one), also
+    per task kind when ``info`` names it (``info["interaction"]``)."""
     sim = config.sim
     assert sim is not None
     model = build_policy(sim, spec, config.seed)
@@ -214,9 +216,14 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
             for _ in range(sim.eval_episodes)]
     obs = [torch.as_tensor(e.reset(seed=sim.eval_seed + j)[0], dtype=torch.float32) for j, e in enumerate(envs)]
     returns, lengths, infos = [0.0] * len(envs), [0] * len(envs), [{} for _ in envs]
+    generator = torch.Generator().manual_seed(sim.eval_seed)
     live, failed = list(range(len(envs))), set()
     while live:
-        actions = model(torch.stack([obs[j] for j in live])).argmax(-1)
+        logits = model(torch.stack([obs[j] for j in live]))  # (L, A)
+        if sim.eval_greedy:
+            actions = logits.argmax(-1)
+        else:  # sampled, from a generator of its own: the same weights give the same episodes
+            actions = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
         still = []
         for j, a in zip(live, actions.tolist()):
             try:
