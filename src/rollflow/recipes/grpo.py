@@ -590,11 +590,18 @@ def train(config: Config, task: Task | None = None, reward_fn: RewardFn | None =
     is_agent(config, task)  # a workflow the task cannot run is refused here
     tokenizer = build_tokenizer(config, task.alphabet())
     checkpoint = prepare_run_dir(config, resume, overwrite)
+    return with_restarts(config, checkpoint, functools.partial(_run, config, task, tokenizer))
+
+
+def with_restarts(config: Config, checkpoint: Path | None,
+                  attempt: Callable[[Path | None, int, StopSignals], RunResult]) -> RunResult:
+    """``attempt(checkpoint, restarts, stop)`` under SIGINT/SIGTERM handling; when it loses the trainer (or a worker
+    for good), again from the newest checkpoint (from the start if there is none), up to ``runtime.max_restarts``."""
     restarts = 0
     with StopSignals() as stop:
         while True:
             try:
-                return _run(config, task, tokenizer, checkpoint, restarts, stop)
+                return attempt(checkpoint, restarts, stop)
             except (TrainerLost, WorkerGone) as e:
                 if restarts >= config.runtime.max_restarts:
                     raise RuntimeError(f"{e}; not restarting: runtime.max_restarts={config.runtime.max_restarts} "

@@ -47,10 +47,10 @@ from rollflow.recipes.grpo import (
     RunResult,
     Stopped,
     StopSignals,
-    _note,
     cores,
     make_backend,
     prepare_run_dir,
+    with_restarts,
 )
 from rollflow.runtime.backend import Backend, Payloads, Peer, Resources, WorkerGone
 from rollflow.runtime.checkpoint import Checkpoints, read_meta
@@ -375,21 +375,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> R
     if sim.demonstrator is not None:
         _function(sim.demonstrator)
     checkpoint = prepare_run_dir(config, resume, overwrite)
-    restarts = 0
-    with StopSignals() as stop:
-        while True:
-            try:
-                return _run(config, spec, checkpoint, restarts, stop)
-            except (TrainerLost, WorkerGone) as e:
-                if restarts >= config.runtime.max_restarts:
-                    raise RuntimeError(f"{e}; not restarting: runtime.max_restarts={config.runtime.max_restarts} "
-                                       f"restarts used") from e
-                restarts += 1
-                checkpoint = Checkpoints(Path(config.run_dir) / "checkpoints").latest()
-                if checkpoint is None:
-                    prepare_run_dir(config, resume=False, overwrite=True)
-                _note(Path(config.run_dir), f"{e}: restarting from {checkpoint.name if checkpoint else 'the start'} "
-                                            f"(restart {restarts} of {config.runtime.max_restarts})")
+    return with_restarts(config, checkpoint, functools.partial(_run, config, spec))
 
 
 def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, stop: StopSignals) -> RunResult:

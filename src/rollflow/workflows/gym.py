@@ -50,7 +50,7 @@ class GymFragments:
         episode_returns: list[float] = []
         for _ in range(self.steps):
             action, logprob, version = await ctx.engine.act(slot.observation)
-            observation, reward, terminated, truncated, _ = await ctx.env(slot.env.step, _env_action(action))
+            observation, reward, terminated, truncated, _ = await ctx.env(slot.env.step, env_action(action))
             slot.episode_return += float(reward)
             done = bool(terminated or truncated)
             terminals.append(bool(terminated))
@@ -87,6 +87,6 @@ class GymFragments:
         return _Slot(env, torch.as_tensor(observation, dtype=torch.float32))
 
 
-def _env_action(action: torch.Tensor) -> Any:
+def env_action(action: torch.Tensor) -> Any:
     """The engine's action as the environment takes it: a Python number for a scalar (``Discrete``), else an array."""
     return action.item() if action.ndim == 0 else action.numpy()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from rollflow.api import EpisodeContext, Fragment, InfraError, Status, Trajectory, TrajectoryBuilder
+from rollflow.workflows.gym import env_action
 
 
 @dataclass
@@ -144,7 +145,7 @@ class VectorFragments:
     async def _step_all(self, lanes: list[_Lane], actions: torch.Tensor) -> list[Any]:
         """One step of every live lane: (observation, reward, terminated, truncated) each; a lane that failed gets
         its ``error`` set (and None here)."""
-        values = [_env_action(a) for a in actions]
+        values = [env_action(a) for a in actions]
         if not self.step_timeout:
             return [self._step_one(lane, a) for lane, a in zip(lanes, values)]
         outcomes: list[Any] = [None] * len(lanes)
@@ -225,8 +226,3 @@ class VectorFragments:
         except Exception as e:
             raise InfraError(f"making environment {self.made - 1} (seed {seed}) failed: {type(e).__name__}: {e}") from e
         return _Slot(env, as_observation(observation))
-
-
-def _env_action(action: torch.Tensor) -> Any:
-    """The engine's action as the environment takes it: a Python number for a scalar (``Discrete``), else an array."""
-    return action.item() if action.ndim == 0 else action.numpy()
