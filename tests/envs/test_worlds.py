@@ -139,3 +139,43 @@ def test_the_planner_solves_every_synthesised_task(split):
                 break
         outcomes.setdefault(info["interaction"], []).append(info["success"] and reward > 0)
     assert set(outcomes) == set(INTERACTIONS) and all(all(v) for v in outcomes.values()), outcomes
+
+
+def recorded_curriculum(solved):
+    """A curriculum that saw 10 episodes of every task class, solved where ``solved(class)``."""
+    from rollflow.envs.worlds import Curriculum
+
+    curriculum = Curriculum(INTERACTIONS)
+    for interaction, difficulty in curriculum.classes:
+        for _ in range(10):
+            task = WorldTask(0, "train", "room", 7, (), (), 0, interaction, (1, 1, 0), (2, 2, 0), difficulty)
+            curriculum.record(task, solved((interaction, difficulty)))
+    return curriculum
+
+
+def test_the_curriculum_draws_the_task_classes_the_policy_fails_more_often():
+    from rollflow.envs.worlds import Curriculum
+
+    assert np.allclose(Curriculum(INTERACTIONS).weights(), 1 / 9)  # nothing recorded: every class alike
+    curriculum = recorded_curriculum(lambda c: c[0] == "approach")  # every approach task solved, the rest failed
+    weights = dict(zip(curriculum.classes, curriculum.weights()))
+    assert weights[("approach", "easy")] == pytest.approx(weights[("pickup", "hard")] * 0.1 / 1.1)
+    rng = np.random.default_rng(0)
+    drawn = [curriculum.draw("train", rng) for _ in range(300)]
+    assert sum(t.interaction == "approach" for t in drawn) < 0.1 * len(drawn)  # a third of tasks without it
+    # only hard tasks failed: they are drawn most (without a curriculum about 9% of tasks are hard)
+    curriculum = recorded_curriculum(lambda c: c[1] != "hard")
+    drawn = [curriculum.draw("train", rng) for _ in range(300)]
+    assert sum(t.difficulty == "hard" for t in drawn) > 0.5 * len(drawn)
+
+
+def test_a_curriculum_environment_records_each_finished_episode():
+    env = CrossViewWorld(curriculum=True)
+    env.reset(seed=0)
+    for target in (0, 1, 1):  # the ball is in front of the agent: picking it up succeeds once, fails twice
+        env.reset(options={"task": hand_task("pickup", target=target)})
+        assert env.step(PICKUP)[2]
+    env.reset()  # a drawn task, then left before it ends: nothing is recorded for it
+    env.step(LEFT)
+    assert list(env.curriculum.outcomes[("pickup", "easy")]) == [True, False, False]
+    assert sum(len(o) for o in env.curriculum.outcomes.values()) == 3

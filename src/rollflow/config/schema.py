@@ -549,8 +549,13 @@ class SimConfig(Section):
     policy workers that batch the requests of every actor (costly environments; actors then only step them)."""
     policy_workers: int = Field(1, ge=1)
     """Policy workers, with inference=policy_workers (actor i asks worker i mod policy_workers)."""
-    policy: Literal["auto", "mlp", "cnn"] = "auto"
-    """The actor-critic: auto is a CNN for image observations (integer (H, W, C)), else an MLP."""
+    policy: str = "auto"
+    """The actor-critic: auto (a CNN for image observations, integer (H, W, C), else an MLP), mlp, cnn, or a model
+    of your own as 'module:Class' / 'path/file.py:Class', built as Class(observation_shape, actions, seed=,
+    **policy_kwargs) (normalize_rewards=True also passed when set): a torch module whose forward(obs (B, *shape))
+    gives action logits (B, actions) and value(obs) values (B,); e.g. rollflow.envs.world_policy:CrossViewPolicy."""
+    policy_kwargs: dict[str, Any] = {}
+    """Keyword arguments for a policy given as 'module:Class'."""
     hidden: list[Annotated[int, Field(ge=1)]] = [64, 64]
     """MLP: units per hidden layer (separate actor and critic trunks). CNN: the last entry is the shared layer."""
     channels: list[Annotated[int, Field(ge=1)]] = [16, 32]
@@ -609,6 +614,10 @@ class SimConfig(Section):
     a greedy policy stuck in a loop (MiniGrid) may need to show what it learned."""
     eval_env_kwargs: dict[str, Any] = {}
     """Merged over env_kwargs for the held-out episodes only (e.g. {split: unseen}: worlds never trained on)."""
+    eval_sets: dict[str, dict[str, Any]] = {}
+    """More held-out sets, by name: environment kwargs merged over env_kwargs (not over eval_env_kwargs), evaluated
+    beside the held-out environments and reported as eval/<name>/success (e.g. {train: {split: train}}: success in
+    the training worlds, on seeds no training environment used)."""
     eval_seed: int = Field(1_000_000_000, ge=0)
     """First environment seed of the held-out episodes; training environments use seeds below it."""
 
@@ -660,6 +669,15 @@ class Config(Section):
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.sim is not None:
+            if self.sim.policy not in ("auto", "mlp", "cnn") and ":" not in self.sim.policy:
+                raise ValueError(f"sim.policy={self.sim.policy!r}: give auto, mlp, cnn or a class of your own as "
+                                 f"'module:Class' / 'path/file.py:Class'")
+            bad = [n for n in self.sim.eval_sets if not n.replace("_", "").isalnum()]
+            if bad:
+                raise ValueError(f"sim.eval_sets names {bad} must be letters, digits and _ (they name metrics)")
+            if self.sim.policy_kwargs and ":" not in self.sim.policy:
+                raise ValueError("sim.policy_kwargs are for a policy given as 'module:Class'; use sim.hidden and "
+                                 "sim.channels for mlp and cnn")
             steps = self.sim.envs_per_actor * self.sim.fragment_steps * self.sim.calls_per_step
             if self.train.minibatches_per_step > steps:
                 raise ValueError(f"train.minibatches_per_step={self.train.minibatches_per_step} exceeds the env steps "

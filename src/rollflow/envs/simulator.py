@@ -53,13 +53,13 @@ class CostlyStep(gym.Wrapper):
         return self.env.step(action)
 
 
-def _entry_point(target: str) -> Any:
-    """``module:Name`` or ``path/file.py:Name`` → the object."""
+def load_entry_point(target: str, key: str = "sim.env") -> Any:
+    """``module:Name`` or ``path/file.py:Name`` → the object; errors name the config ``key`` it came from."""
     where, _, name = target.rpartition(":")
     if where.endswith(".py"):
         path = Path(where).resolve()
         if not path.is_file():
-            raise EnvSpecError(f"sim.env={target!r}: no file {str(path)!r}")
+            raise EnvSpecError(f"{key}={target!r}: no file {str(path)!r}")
         module_name = f"rollflow_user_env_{abs(hash(str(path)))}"
         module = sys.modules.get(module_name)
         if module is None:
@@ -71,10 +71,10 @@ def _entry_point(target: str) -> Any:
         try:
             module = importlib.import_module(where)
         except ImportError as e:
-            raise EnvSpecError(f"sim.env={target!r}: cannot import {where!r} ({e}); give a registered Gymnasium id, "
-                               f"'module:Class' on the Python path, or 'path/file.py:Class'") from e
+            raise EnvSpecError(f"{key}={target!r}: cannot import {where!r} ({e}); give 'module:Name' on the Python "
+                               f"path or 'path/file.py:Name'") from e
     if not hasattr(module, name):
-        raise EnvSpecError(f"sim.env={target!r}: {where!r} has no {name!r}")
+        raise EnvSpecError(f"{key}={target!r}: {where!r} has no {name!r}")
     return getattr(module, name)
 
 
@@ -85,7 +85,7 @@ def make_env(env: str, kwargs: dict[str, Any] | None = None, frame_stack: int = 
     adds that many seconds of computation to every step."""
     kwargs = kwargs or {}
     if ":" in env:
-        made = _entry_point(env)(**kwargs)
+        made = load_entry_point(env)(**kwargs)
         if not isinstance(made, gym.Env):
             raise EnvSpecError(f"sim.env={env!r} made a {type(made).__name__}, not a gymnasium.Env")
     else:

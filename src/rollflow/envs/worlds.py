@@ -213,11 +213,12 @@ def _camera(world: CrossViewWorld, target: tuple[int, int], agent: tuple[int, in
 class CrossViewWorld(MiniGridEnv):
     """A gymnasium environment over synthesised ``WorldTask``s (see the module docstring). Each reset draws the task
     of a new seed from the environment's generator (``reset(seed=)`` seeds it), or plays ``options={"task": task}``.
-    ``interactions`` restricts the interaction types drawn. ``info`` carries the task's interaction, difficulty,
-    family and seed, and ``success``."""
+    ``interactions`` restricts the interaction types drawn; ``curriculum`` draws them by recent success instead
+    (``Curriculum``). ``info`` carries the task's interaction, difficulty, family and seed, and ``success``."""
 
     def __init__(self, split: Literal["train", "unseen"] = "train", goal: Literal["crossview", "id"] = "crossview",
-                 interactions: tuple[str, ...] | list[str] | None = None, max_steps_per_cell: int = 5) -> None:
+                 interactions: tuple[str, ...] | list[str] | None = None, max_steps_per_cell: int = 5,
+                 curriculum: bool = False, curriculum_window: int = 50) -> None:
         if goal not in ("crossview", "id"):
             raise ValueError(f"goal must be 'crossview' or 'id', got {goal!r}")
         bad = set(interactions or ()) - set(INTERACTIONS)
@@ -226,6 +227,7 @@ class CrossViewWorld(MiniGridEnv):
         self.split, self.goal = split, goal
         self.interactions = tuple(interactions) if interactions else INTERACTIONS
         self.max_steps_per_cell = max_steps_per_cell
+        self.curriculum = Curriculum(self.interactions, curriculum_window) if curriculum else None
         largest = max(SPLITS[split]["sizes"])
         super().__init__(MissionSpace(mission_func=lambda: "reach the goal"), width=largest, height=largest,
                          max_steps=max_steps_per_cell * largest * largest, see_through_walls=False)
@@ -271,7 +273,9 @@ class CrossViewWorld(MiniGridEnv):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         gym.Env.reset(self, seed=seed)
         task = (options or {}).get("task")
-        if task is None:
+        if task is None and self.curriculum is not None:
+            task = self.curriculum.draw(self.split, self.np_random)
+        elif task is None:
             task = synthesize(int(self.np_random.integers(2**31)), self.split,
                               interaction=str(self.np_random.choice(self.interactions)))
         self.task = task
@@ -297,6 +301,8 @@ class CrossViewWorld(MiniGridEnv):
             success = bool(target.is_open)
         reward = 1.0 - 0.9 * self.step_count / self.max_steps if success else 0.0
         terminated = success or failure
+        if (terminated or truncated) and self.curriculum is not None:
+            self.curriculum.record(task, success)
         return self._observation(), reward, terminated, truncated and not terminated, self._info(success)
 
     # -- observations ---------------------------------------------------------------------------------------------------
@@ -343,6 +349,34 @@ def _grid(size: int, walls: set[tuple[int, int]], objects: list[WorldObject]) ->
     return grid
 
 
+
+
+class Curriculum:
+    """Draws tasks by recent success: a task class (interaction × difficulty) is drawn with weight 1 − its success
+    rate over its last ``window`` episodes (+0.1, so none is starved; a class with fewer than 5 episodes weighs 1),
+    then seeds are drawn until one synthesises a task of that class (at most 30; the last one otherwise). Each
+    environment keeps its own record, so it runs wherever the environment does."""
+
+    DIFFICULTIES = ("easy", "medium", "hard")
+
+    def __init__(self, interactions: tuple[str, ...], window: int = 50) -> None:
+        self.classes = [(i, d) for i in interactions for d in self.DIFFICULTIES]
+        self.outcomes: dict[tuple[str, str], deque[bool]] = {c: deque(maxlen=window) for c in self.classes}
+
+    def weights(self) -> np.ndarray:
+        w = [1.0 if len(o) < 5 else 1.0 - sum(o) / len(o) + 0.1 for o in self.outcomes.values()]
+        return np.asarray(w) / sum(w)
+
+    def draw(self, split: str, rng: np.random.Generator) -> WorldTask:
+        interaction, difficulty = self.classes[int(rng.choice(len(self.classes), p=self.weights()))]
+        for _ in range(30):
+            task = synthesize(int(rng.integers(2**31)), split, interaction=interaction)
+            if task.difficulty == difficulty:
+                break
+        return task
+
+    def record(self, task: WorldTask, success: bool) -> None:
+        self.outcomes[(task.interaction, task.difficulty)].append(success)
 
 
 # -- the scripted planner (demonstrations for behaviour cloning) --------------------------------------------------------
@@ -420,5 +454,5 @@ def _path(size: int, blocked: set[tuple[int, int]], start: tuple[int, int],
     return None
 
 
-__all__ = ["HELD_OUT_COMBOS", "INTERACTIONS", "SPLITS", "CrossViewWorld", "WorldObject", "WorldTask", "planner_action",
+__all__ = ["HELD_OUT_COMBOS", "INTERACTIONS", "SPLITS", "CrossViewWorld", "Curriculum", "WorldObject", "WorldTask", "planner_action",
            "synthesize"]

@@ -22,7 +22,6 @@ fresh environments, from seeds shifted by the step it resumes at).
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import math
 import random
@@ -41,7 +40,7 @@ from rollflow.api import Column, Status, TrainStep
 from rollflow.config import Config, ConfigError
 from rollflow.config.schema import SimConfig
 from rollflow.engines.policy import ActorCriticCNN, ActorCriticMLP, TorchPolicyEngine, TorchPolicyTrainer
-from rollflow.envs.simulator import EnvSpec, env_spec, make_env
+from rollflow.envs.simulator import EnvSpec, env_spec, load_entry_point, make_env
 from rollflow.recipes.grpo import (
     NonFiniteLoss,
     RunResult,
@@ -72,7 +71,21 @@ SEEDS_PER_ACTOR = 10_000  # environments an actor may make (replacements include
 
 
 def build_policy(sim: SimConfig, spec: EnvSpec, seed: int) -> torch.nn.Module:
-    """The actor-critic the config asks for (``sim.policy=auto``: a CNN for image observations, else an MLP)."""
+    """The actor-critic the config asks for (``sim.policy=auto``: a CNN for image observations, else an MLP; or the
+    user's class, ``module:Class``)."""
+    if ":" in sim.policy:
+        cls = load_entry_point(sim.policy, "sim.policy")
+        extra = {"normalize_rewards": True} if sim.normalize_rewards else {}
+        try:
+            model = cls(tuple(spec.observation_shape), spec.actions, seed=seed, **extra, **sim.policy_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"sim.policy={sim.policy!r} could not be built for {sim.env}'s observations "
+                              f"{tuple(spec.observation_shape)} and {spec.actions} actions: {e}") from e
+        missing = [m for m in ("forward", "value") if not callable(getattr(model, m, None))]
+        if not isinstance(model, torch.nn.Module) or missing:
+            raise ConfigError(f"sim.policy={sim.policy!r} must build a torch.nn.Module with forward(obs) → logits and "
+                              f"value(obs) → values; it built a {type(model).__name__}")
+        return model
     cnn = sim.policy == "cnn" or (sim.policy == "auto" and spec.image)
     if cnn:
         if len(spec.observation_shape) < 3:
@@ -201,19 +214,30 @@ def build_pipeline(config: Config, workers: SimWorkers, version: int, tracer: Tr
 
 # -- evaluation ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
+def evaluate_all(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
+    """``evaluate`` on the held-out environments (``eval/…``) and on each of ``sim.eval_sets`` (``eval/<name>/…``)."""
+    sim = config.sim
+    assert sim is not None
+    metrics = evaluate(config, spec, weights)
+    for name, kwargs in sim.eval_sets.items():
+        metrics.update(evaluate(config, spec, weights, {**sim.env_kwargs, **kwargs}, f"eval/{name}"))
+    return metrics
+
+
+def evaluate(config: Config, spec: EnvSpec, weights: Any, env_kwargs: dict[str, Any] | None = None,
+             prefix: str = "eval") -> dict[str, float]:
     """Episodes of the policy ``weights`` (greedy; sampled with ``sim.eval_greedy=false``) on ``sim.eval_episodes``
-    environments seeded ``sim.eval_seed``, ``+1``, … (seeds no training environment uses), made with
-    ``sim.eval_env_kwargs`` over ``sim.env_kwargs``, all stepped together: mean return and length, and success (the
-    environment's ``info["success"]``, else a return reaching ``sim.target_return`` if set, or a positive one), also
-    per task kind when ``info`` names it (``info["interaction"]``)."""
+    environments seeded ``sim.eval_seed``, ``+1``, … (seeds no training environment uses), made with ``env_kwargs``
+    (default: ``sim.eval_env_kwargs`` over ``sim.env_kwargs``), all stepped together: mean return and length, and
+    success (the environment's ``info["success"]``, else a return reaching ``sim.target_return`` if set, or a
+    positive one), also per task kind when ``info`` names it (``info["interaction"]``); keys ``<prefix>/…``."""
     sim = config.sim
     assert sim is not None
     model = build_policy(sim, spec, config.seed)
     model.load_state_dict(weights.tensors)
     model.eval()
-    envs = [make_env(sim.env, {**sim.env_kwargs, **sim.eval_env_kwargs}, sim.frame_stack)
-            for _ in range(sim.eval_episodes)]
+    kwargs = {**sim.env_kwargs, **sim.eval_env_kwargs} if env_kwargs is None else env_kwargs
+    envs = [make_env(sim.env, kwargs, sim.frame_stack) for _ in range(sim.eval_episodes)]
     obs = [torch.as_tensor(e.reset(seed=sim.eval_seed + j)[0], dtype=torch.float32) for j, e in enumerate(envs)]
     returns, lengths, infos = [0.0] * len(envs), [0] * len(envs), [{} for _ in envs]
     generator = torch.Generator().manual_seed(sim.eval_seed)
@@ -250,13 +274,13 @@ def evaluate(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
         return returns[j] >= target if target is not None else returns[j] > 0
 
     success = {j: succeeded(j) for j in kept}
-    metrics = {"eval/return_mean": sum(returns[j] for j in kept) / len(kept),
-               "eval/length_mean": sum(lengths[j] for j in kept) / len(kept),
-               "eval/success": sum(success.values()) / len(success), "eval/failed_episodes": len(failed)}
+    metrics = {f"{prefix}/return_mean": sum(returns[j] for j in kept) / len(kept),
+               f"{prefix}/length_mean": sum(lengths[j] for j in kept) / len(kept),
+               f"{prefix}/success": sum(success.values()) / len(success), f"{prefix}/failed_episodes": len(failed)}
     kinds = sorted({str(infos[j]["interaction"]) for j in kept if "interaction" in infos[j]})
     for kind in kinds:  # a multi-task environment names each episode's kind of task
         mine = [success[j] for j in kept if infos[j].get("interaction") == kind]
-        metrics[f"eval/success/{kind}"] = sum(mine) / len(mine)
+        metrics[f"{prefix}/success/{kind}"] = sum(mine) / len(mine)
     return metrics
 
 
@@ -303,12 +327,7 @@ def behaviour_cloning(config: Config, spec: EnvSpec, trainer: WorkerGroup, track
 
 
 def _function(target: str) -> Any:
-    module, _, name = target.rpartition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"sim.demonstrator={target!r}: {e}; give 'module:function' (a function of the "
-                          f"environment that returns its action)") from e
+    return load_entry_point(target, "sim.demonstrator")
 
 
 # -- the run ------------------------------------------------------------------------------------------------------------
@@ -367,9 +386,10 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> R
     assert config.sim is not None
     torch.set_num_threads(config.runtime.torch_threads)
     sim = config.sim
-    where, _, name = sim.env.rpartition(":")
-    if where.endswith(".py"):  # workers may run elsewhere than this working directory
-        sim.env = f"{Path(where).resolve()}:{name}"
+    for key in ("env", "policy"):  # workers may run elsewhere than this working directory
+        where, _, name = getattr(sim, key).rpartition(":")
+        if where.endswith(".py"):
+            setattr(sim, key, f"{Path(where).resolve()}:{name}")
     spec = env_spec(sim.env, sim.env_kwargs, sim.frame_stack)  # a bad environment fails before the run dir is touched
     build_policy(sim, spec, config.seed)
     if sim.demonstrator is not None:
@@ -413,13 +433,14 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
                 tracker.note(f"resumed from {checkpoint} (step {meta['step']}, version {meta['version']})")
             else:
                 trainer.publish()  # version 0: the weights actors start from
-                first = evaluate(config, spec, workers.transport.latest(newer_than=-1))
+                first = evaluate_all(config, spec, workers.transport.latest(newer_than=-1))
                 progress.evals.append({"step": 0, "label": "initial", **first})
                 tracker.log_eval(0, first["eval/success"], "initial")
                 if sim.bc_steps:
                     progress.bc_seconds = behaviour_cloning(config, spec, trainer, tracker)
                     trainer.publish()
-                    after = evaluate(config, spec, workers.transport.latest(newer_than=-1))
+                    save_policy(config, spec, workers.transport.latest(newer_than=-1), run_dir / "model" / "policy_bc.pt")
+                    after = evaluate_all(config, spec, workers.transport.latest(newer_than=-1))
                     progress.evals.append({"step": 0, "label": "after BC", **after})
                     tracker.log_eval(0, after["eval/success"], "after BC")
                     if sim.kl_coef > 0:
@@ -454,7 +475,7 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
                                      f"sim.target_return={sim.target_return} after {progress.train_seconds:.1f} s of "
                                      f"training ({progress.env_steps} env steps, step {step})")
                     if (config.eval.every and step % config.eval.every == 0) or step == t.steps:
-                        evaluated = evaluate(config, spec, workers.transport.latest(newer_than=-1))
+                        evaluated = evaluate_all(config, spec, workers.transport.latest(newer_than=-1))
                         record.update(evaluated)
                         record["eval/accuracy"] = evaluated["eval/success"]
                         progress.evals.append({"step": step, **evaluated})
@@ -482,10 +503,7 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
                                f"`rollflow train --resume {run_dir}`")
                 raise
             controller.close()
-            model = build_policy(sim, spec, config.seed)
-            model.load_state_dict(workers.transport.latest(newer_than=-1).tensors)
-            (run_dir / "model").mkdir(exist_ok=True)
-            torch.save({"state_dict": model.state_dict(), "config": config.model_dump()}, run_dir / "model" / "policy.pt")
+            save_policy(config, spec, workers.transport.latest(newer_than=-1), run_dir / "model" / "policy.pt")
             summary = run_summary(config, progress, controller, meta["step"] if meta else None, restarts,
                                   time.perf_counter() - t_start)
             if rt.trace:
@@ -495,6 +513,15 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
         ledger.close()
         backend.shutdown()
     return RunResult(run_dir, summary, history)
+
+
+def save_policy(config: Config, spec: EnvSpec, weights: Any, path: Path) -> None:
+    """The policy ``weights`` as ``{"state_dict", "config"}`` (``build_policy`` of the config rebuilds it)."""
+    assert config.sim is not None
+    model = build_policy(config.sim, spec, config.seed)
+    model.load_state_dict(weights.tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "config": config.model_dump()}, path)
 
 
 def run_summary(config: Config, progress: SimProgress, controller: Controller, resumed_from: int | None,
@@ -512,6 +539,9 @@ def run_summary(config: Config, progress: SimProgress, controller: Controller, r
         "eval_success_initial": first.get("eval/success"),
         "eval_success_final": final.get("eval/success"),
         "eval_success_after_bc": next((e["eval/success"] for e in progress.evals if e.get("label") == "after BC"), None),
+        **{f"eval_{name}_success_{when}": e.get(f"eval/{name}/success") for name in sim.eval_sets
+           for when, e in (("after_bc", next((e for e in progress.evals if e.get("label") == "after BC"), {})),
+                           ("final", final))},
         "bc_seconds": progress.bc_seconds,
         "train_return_recent": sum(progress.recent) / len(progress.recent) if progress.recent else None,
         "target_return": sim.target_return,
