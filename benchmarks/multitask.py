@@ -66,7 +66,7 @@ def success_table(path: Path, episodes: int) -> dict[str, dict[str, dict[str, fl
     for split in SPLITS:
         for mode in MODES:
             sim.eval_episodes, sim.eval_greedy = episodes, mode == "greedy"
-            m = evaluate(config, spec, weights, {**sim.env_kwargs, "split": split})
+            m = evaluate(config, spec, weights, {**sim.env_kwargs, "split": split, "curriculum": False})
             out.setdefault(split, {})[mode] = {"all": m["eval/success"],
                                                **{i: m.get(f"eval/success/{i}") for i in INTERACTIONS}}
     return out
