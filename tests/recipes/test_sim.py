@@ -97,17 +97,44 @@ class FlakyCartPole(CartPoleEnv):
 """
 
 
-def test_a_user_environment_file_runs_on_ray_and_its_crash_costs_only_its_fragment(tmp_path):
+# A user's own actor-critic: a linear policy and value over CartPole's 4 numbers, counting the forward passes it
+# makes in each process (a file per process), so the test sees it ran in the actors.
+USER_POLICY = """
+import os
+import torch
+
+class LinearPolicy(torch.nn.Module):
+    def __init__(self, obs_shape, actions, seed=0, scale=1.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.pi, self.v, self.scale = torch.nn.Linear(obs_shape[0], actions), torch.nn.Linear(obs_shape[0], 1), scale
+
+    def forward(self, obs):
+        open(os.path.join(os.environ["FLAKY_DIR"], f"policy.{os.getpid()}"), "a").write("x")
+        return self.pi(obs.float() * self.scale)
+
+    def value(self, obs):
+        return self.v(obs.float() * self.scale).squeeze(-1)
+"""
+
+
+def test_user_environment_and_policy_files_run_on_ray_and_a_crash_costs_only_its_fragment(tmp_path):
     (tmp_path / "envs").mkdir()
     (tmp_path / "envs" / "flaky.py").write_text(textwrap.dedent(FLAKY_ENV))
-    proc = start([CARTPOLE, "sim.env=envs/flaky.py:FlakyCartPole", "train.steps=6", "eval.every=0",
-                  "sim.eval_episodes=4", "run_dir=run", "progress=false", "runtime.num_cpus=2"], cwd=tmp_path,
-                 FLAKY_DIR=str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "linear.py").write_text(textwrap.dedent(USER_POLICY))
+    proc = start([CARTPOLE, "sim.env=envs/flaky.py:FlakyCartPole", "sim.policy=models/linear.py:LinearPolicy",
+                  "sim.policy_kwargs={scale: 0.5}", "train.steps=6", "eval.every=0", "sim.eval_episodes=4",
+                  "run_dir=run", "progress=false", "runtime.num_cpus=2"], cwd=tmp_path, FLAKY_DIR=str(tmp_path))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     run = tmp_path / "run"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["infra_retries"] >= 1 and summary["env_steps"] == 6 * 8 * 128, summary
+    # the user's policy acted in processes other than the driver (the actors) and is what the run saved
+    assert len([p for p in tmp_path.glob("policy.*") if p.name != f"policy.{proc.pid}"]) >= 2
+    saved = torch.load(run / "model" / "policy.pt", weights_only=False)
+    assert set(saved["state_dict"]) == {"pi.weight", "pi.bias", "v.weight", "v.bias"}
     assert list(tmp_path.glob("crashed.*"))  # it did crash, in an actor's process
     assert "physics engine diverged" in out, out  # the fault was reported
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 7))
@@ -253,3 +280,19 @@ def test_sampled_held_out_episodes_are_reproducible_and_differ_from_greedy_ones(
     greedy = evaluate(config(True), spec, weights)
     # an untrained greedy policy repeats one action and loops until the time limit; sampling wanders and ends sooner
     assert sampled["eval/length_mean"] < greedy["eval/length_mean"], (sampled, greedy)
+
+
+@pytest.mark.slow
+def test_crossview_rl_lifts_the_cloned_policy_in_unseen_worlds_on_ray(tmp_path):
+    # the built-in config as a user runs it, shortened to 50 RL steps (of its 200)
+    proc = start([CROSSVIEW, "train.steps=50", "eval.every=0", "sim.eval_sets={}", "run_dir=run", "progress=false",
+                  "runtime.num_cpus=2"], cwd=tmp_path)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # cloned from 50 planner episodes it solves some unseen tasks; 50 RL steps on training worlds add 10+ points
+    assert s["eval_success_initial"] < 0.05 and s["eval_success_after_bc"] > 0.15, s
+    assert s["eval_success_final"] > s["eval_success_after_bc"] + 0.1, s
+    final = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert all(final[f"eval/success/{kind}"] > 0.2 for kind in ("approach", "pickup", "toggle")), final
+    assert (tmp_path / "run" / "model" / "policy_bc.pt").is_file() and s["backend"] == "ray"

@@ -608,7 +608,7 @@ class SimConfig(Section):
     """A return to report the training time to (the mean of the last 20 finished training episodes reaching it), and
     the return a held-out episode must reach to count as a success; null: success is a positive return."""
     eval_episodes: int = Field(20, ge=1)
-    """Greedy held-out episodes per evaluation (eval.every steps, at the start and at the end)."""
+    """Held-out episodes per evaluation and per set (eval.every steps, at the start, after BC and at the end)."""
     eval_greedy: bool = True
     """Held-out episodes take the most likely action; false: they sample from the policy (a seeded generator), which
     a greedy policy stuck in a loop (MiniGrid) may need to show what it learned."""

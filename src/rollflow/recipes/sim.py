@@ -213,7 +213,6 @@ def build_pipeline(config: Config, workers: SimWorkers, version: int, tracer: Tr
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------------------
-@torch.no_grad()
 def evaluate_all(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float]:
     """``evaluate`` on the held-out environments (``eval/…``) and on each of ``sim.eval_sets`` (``eval/<name>/…``)."""
     sim = config.sim
@@ -224,6 +223,7 @@ def evaluate_all(config: Config, spec: EnvSpec, weights: Any) -> dict[str, float
     return metrics
 
 
+@torch.no_grad()
 def evaluate(config: Config, spec: EnvSpec, weights: Any, env_kwargs: dict[str, Any] | None = None,
              prefix: str = "eval") -> dict[str, float]:
     """Episodes of the policy ``weights`` (greedy; sampled with ``sim.eval_greedy=false``) on ``sim.eval_episodes``
