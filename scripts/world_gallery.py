@@ -86,6 +86,8 @@ def main() -> None:
         start, goal, path, success = play(env, args.seed + k, act)
         task = env.task
         target = task.objects[task.target]
+        print(f"task {task.seed} ({task.family} {task.size}, {task.interaction} the {target.color} {target.kind}): "
+              f"{'success' if success else 'failed'} in {len(path) - 1} steps")
         ax_pair[0].imshow(goal)
         ax_pair[0].set_title(f"goal: {task.interaction}\n(cross-view, mask in magenta)", fontsize=9)
         ax_pair[1].imshow(start)
