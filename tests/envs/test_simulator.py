@@ -69,10 +69,12 @@ def test_an_environment_that_cannot_be_used_is_refused_naming_the_key(env, messa
     assert message in str(info.value)
 
 
-def test_a_costly_step_spends_its_time_computing():
+def test_a_costly_step_spends_its_time_computing(monkeypatch):
     env = CostlyStep(gym.make("CartPole-v1"), 0.02)
     env.reset(seed=0)
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("CostlyStep slept"))
     wall, cpu = time.perf_counter(), time.process_time()
     env.step(0)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    assert wall >= 0.02 and cpu >= 0.015  # it computes (CPU time), it does not sleep
+    # it computes (CPU time; a share of the wall time, which other processes on the machine may take some of)
+    assert wall >= 0.02 and cpu >= 0.2 * wall, (wall, cpu)
