@@ -296,3 +296,28 @@ def test_crossview_rl_lifts_the_cloned_policy_in_unseen_worlds_on_ray(tmp_path):
     final = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert all(final[f"eval/success/{kind}"] > 0.2 for kind in ("approach", "pickup", "toggle")), final
     assert (tmp_path / "run" / "model" / "policy_bc.pt").is_file() and s["backend"] == "ray"
+
+
+def test_a_resumed_crossview_run_keeps_its_cloned_reference_and_does_not_clone_again(tmp_path):
+    def config(steps):
+        return load_config(CROSSVIEW, ["runtime.backend=inline", f"run_dir={tmp_path / 'run'}", "progress=false",
+                                       "sim.bc_steps=100", "sim.bc_episodes=30", "sim.eval_episodes=10",
+                                       f"train.steps={steps}", "sim.envs_per_actor=4", "sim.calls_per_step=1",
+                                       "train.minibatches_per_step=2", "eval.every=0", "checkpoint.every=2",
+                                       "runtime.rollout.workers=1", "sim.kl_decay_steps=0", "sim.eval_sets={}"])
+
+    first = train(config(4))
+    bc_model = (first.run_dir / "model" / "policy_bc.pt").read_bytes()
+    result = train(config(6), resume=True)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["step"] > 0] == [1, 2, 3, 4, 5, 6]
+    assert [r["version"] for r in rows if r["step"] > 0] == list(range(101, 107))
+    assert len([r for r in rows if "bc/nll" in r]) == 1  # BC logged once (at its 100th update), not again
+    assert (result.run_dir / "model" / "policy_bc.pt").read_bytes() == bc_model
+    # the KL term after the resume is to the same cloned policy: the final checkpoint's reference is it, exactly
+    state = torch.load(result.run_dir / "checkpoints" / "step_000006" / "trainer.pt", weights_only=False)
+    cloned = torch.load(result.run_dir / "model" / "policy_bc.pt", weights_only=False)["state_dict"]
+    reference = state["engine"]["reference"]
+    assert reference.keys() == cloned.keys()
+    assert all(torch.equal(reference[k], cloned[k]) for k in cloned)
+    assert all(r["kl/ref"] > 0 for r in rows if r["step"] > 4)
