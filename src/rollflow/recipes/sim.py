@@ -12,8 +12,9 @@ the new version up between two environment steps) → held-out evaluation → sa
   cut into ``train.minibatches_per_step`` minibatches, ``train.epochs_per_step`` times.
 
 ``runtime.staleness`` bounds how many versions an action may lag the trainer (``auto``: 1 on Ray, where actors and
-trainer overlap; 0 inline). Evaluation runs greedy episodes in the driver on environment seeds from ``sim.eval_seed``
-on, which no training environment uses (actor ``i`` seeds its environments from ``seed·10⁶ + i·10⁴``).
+trainer overlap; 0 inline). Evaluation runs greedy (or sampled) episodes in the driver on environment seeds from
+``sim.eval_seed`` on, which no training environment uses (actor ``i`` seeds its environments from
+``seed·10⁶ + i·10⁴``), in the held-out environments and in each of ``sim.eval_sets``.
 
 Not covered: continuous actions, recurrent policies; environment state is not checkpointed (a resumed run starts
 fresh environments, from seeds shifted by the step it resumes at).
@@ -290,7 +291,7 @@ def demonstrations(config: Config, spec: EnvSpec) -> tuple[torch.Tensor, torch.T
     returns its action) on training environments: observations (N, *obs), actions (N,), and its success rate."""
     sim = config.sim
     assert sim is not None and sim.demonstrator is not None
-    act = _function(sim.demonstrator)
+    act = load_entry_point(sim.demonstrator, "sim.demonstrator")
     env = make_env(sim.env, sim.env_kwargs, sim.frame_stack)
     base = env.unwrapped
     observations, actions, successes = [], [], []
@@ -324,10 +325,6 @@ def behaviour_cloning(config: Config, spec: EnvSpec, trainer: WorkerGroup, track
         if (step + 1) % 100 == 0 or step == sim.bc_steps - 1:
             tracker.log_step(step + 1 - sim.bc_steps, {"bc/nll": m["loss"]}, advance=0)
     return time.perf_counter() - started
-
-
-def _function(target: str) -> Any:
-    return load_entry_point(target, "sim.demonstrator")
 
 
 # -- the run ------------------------------------------------------------------------------------------------------------
@@ -393,7 +390,7 @@ def train(config: Config, *, resume: bool = False, overwrite: bool = False) -> R
     spec = env_spec(sim.env, sim.env_kwargs, sim.frame_stack)  # a bad environment fails before the run dir is touched
     build_policy(sim, spec, config.seed)
     if sim.demonstrator is not None:
-        _function(sim.demonstrator)
+        load_entry_point(sim.demonstrator, "sim.demonstrator")
     checkpoint = prepare_run_dir(config, resume, overwrite)
     return with_restarts(config, checkpoint, functools.partial(_run, config, spec))
 
