@@ -162,7 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [] if args.skip_learning else learning(args, Path(tmp))
         rows = [] if args.skip_throughput else throughput(args, Path(tmp))
-    summary = report(runs, rows, Console())
+    summary = report(runs, rows, Console(width=180))
     out = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results" / f"multitask_{datetime.date.today().isoformat()}.json")
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
