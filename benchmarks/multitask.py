@@ -3,6 +3,7 @@ and in unseen ones, per interaction, for both goal encodings; and env steps/s wi
 
     python benchmarks/multitask.py [--seeds 0 1 2] [--goals crossview id] [--episodes 300] [--actors 1 2 4]
                                    [--skip-learning] [--skip-throughput] [key.sub=value ...]
+    python benchmarks/multitask.py --bc-reference [--bc-episodes 3000] [--bc-steps 1500]   # imitation alone
 
 Learning: each (goal, seed) runs ``rollflow train configs/sim/crossview.yaml seed=S sim.env_kwargs.goal=G`` from the
 command line, as a user would (Ray, its defaults; ``key=value`` overrides are passed on). The run saves the cloned
@@ -14,6 +15,9 @@ from the run's summary.
 
 Throughput: the same config without behaviour cloning, ``--throughput-steps`` RL steps with each number of actor
 workers (two environments' batches each per train step, as configured): env steps per second of training.
+
+Reference (``--bc-reference``): behaviour cloning alone on many more demonstrations, evaluated the same way: how
+far imitation gets without RL.
 
 Prints tables and writes ``benchmarks/results/multitask_<date>.json``.
 """
@@ -94,6 +98,24 @@ def learning(args: argparse.Namespace, tmp: Path) -> list[dict]:
     return runs
 
 
+def bc_reference(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Behaviour cloning alone on many more demonstrations (``--bc-episodes``, ``--bc-steps``): what imitation reaches
+    without RL. The run stops after one RL step; only its cloned policy is evaluated."""
+    runs = []
+    for goal in args.goals:
+        for seed in args.seeds:
+            run_dir = tmp / f"bc_{goal}_{seed}"
+            rollflow([f"seed={seed}", f"sim.env_kwargs.goal={goal}", f"run_dir={run_dir}", "train.steps=1",
+                      f"sim.bc_episodes={args.bc_episodes}", f"sim.bc_steps={args.bc_steps}", "eval.every=0",
+                      "sim.eval_episodes=8", "sim.eval_sets={}", *args.overrides], tmp)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            runs.append({"goal": goal, "seed": seed, "bc_episodes": args.bc_episodes, "bc_steps": args.bc_steps,
+                         "bc_seconds": summary["bc_seconds"],
+                         "bc_only": success_table(run_dir / "model" / "policy_bc.pt", args.episodes)})
+            print(json.dumps({k: runs[-1][k] for k in ("goal", "seed", "bc_seconds")}), file=sys.stderr, flush=True)
+    return runs
+
+
 def throughput(args: argparse.Namespace, tmp: Path) -> list[dict]:
     rows = []
     for n in args.actors:
@@ -146,6 +168,18 @@ def report(runs: list[dict], rows: list[dict], console: Console) -> dict:
     return summary
 
 
+def report_bc(runs: list[dict], console: Console) -> None:
+    table = Table(title="behaviour cloning alone (no RL): success per seed, sampled | greedy")
+    for col in ("goal", "demos", "split", "sampled", "greedy"):
+        table.add_column(col, justify="right")
+    for goal in dict.fromkeys(r["goal"] for r in runs):
+        mine = [r for r in runs if r["goal"] == goal]
+        for split in SPLITS:
+            table.add_row(goal, str(mine[0]["bc_episodes"]), split,
+                          *("  ".join(f"{r['bc_only'][split][mode]['all']:.2f}" for r in mine) for mode in MODES))
+    console.print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -155,14 +189,23 @@ def main() -> None:
     parser.add_argument("--throughput-steps", type=int, default=20)
     parser.add_argument("--skip-learning", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--bc-reference", action="store_true",
+                        help="instead: behaviour cloning alone on --bc-episodes demonstrations, --bc-steps updates")
+    parser.add_argument("--bc-episodes", type=int, default=3000)
+    parser.add_argument("--bc-steps", type=int, default=1500)
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/multitask_<date>.json)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    console = Console(width=180)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [] if args.skip_learning else learning(args, Path(tmp))
-        rows = [] if args.skip_throughput else throughput(args, Path(tmp))
-    summary = report(runs, rows, Console(width=180))
+        if args.bc_reference:
+            runs, rows, summary = bc_reference(args, Path(tmp)), [], {}
+            report_bc(runs, console)
+        else:
+            runs = [] if args.skip_learning else learning(args, Path(tmp))
+            rows = [] if args.skip_throughput else throughput(args, Path(tmp))
+            summary = report(runs, rows, console)
     out = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results" / f"multitask_{datetime.date.today().isoformat()}.json")
     out.write_text(json.dumps({"machine": {"cores": os.cpu_count(), "python": platform.python_version()},
