@@ -43,7 +43,7 @@ from rich.table import Table
 from rollflow.config import Config
 from rollflow.envs.simulator import env_spec
 from rollflow.envs.worlds import INTERACTIONS
-from rollflow.recipes.sim import evaluate
+from rollflow.recipes.sim import build_policy, evaluate
 from rollflow.runtime.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +59,15 @@ def rollflow(args: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
 
 
-def success_table(path: Path, episodes: int) -> dict[str, dict[str, dict[str, float]]]:
-    """{split: {mode: {"all": success, <interaction>: success}}} of the saved policy at ``path``."""
+def success_table(path: Path, episodes: int, untrained: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """{split: {mode: {"all": success, <interaction>: success}}} of the saved policy at ``path`` (``untrained``: of
+    the policy its run started from, before any training)."""
     saved = torch.load(path, weights_only=False)
     config = Config.model_validate(saved["config"])
     sim = config.sim
     spec = env_spec(sim.env, sim.env_kwargs, sim.frame_stack)
-    weights = SimpleNamespace(tensors=saved["state_dict"])
+    weights = SimpleNamespace(tensors=build_policy(sim, spec, config.seed).state_dict() if untrained
+                              else saved["state_dict"])
     out: dict[str, dict[str, dict[str, float]]] = {}
     for split in SPLITS:
         for mode in MODES:
@@ -111,7 +113,8 @@ def bc_reference(args: argparse.Namespace, tmp: Path) -> list[dict]:
             summary = json.loads((run_dir / "summary.json").read_text())
             runs.append({"goal": goal, "seed": seed, "bc_episodes": args.bc_episodes, "bc_steps": args.bc_steps,
                          "bc_seconds": summary["bc_seconds"],
-                         "bc_only": success_table(run_dir / "model" / "policy_bc.pt", args.episodes)})
+                         "bc_only": success_table(run_dir / "model" / "policy_bc.pt", args.episodes),
+                         "untrained": success_table(run_dir / "model" / "policy_bc.pt", args.episodes, untrained=True)})
             print(json.dumps({k: runs[-1][k] for k in ("goal", "seed", "bc_seconds")}), file=sys.stderr, flush=True)
     return runs
 
@@ -169,14 +172,15 @@ def report(runs: list[dict], rows: list[dict], console: Console) -> dict:
 
 
 def report_bc(runs: list[dict], console: Console) -> None:
-    table = Table(title="behaviour cloning alone (no RL): success per seed, sampled | greedy")
-    for col in ("goal", "demos", "split", "sampled", "greedy"):
+    table = Table(title="behaviour cloning alone (no RL), and the untrained policy: success per seed")
+    for col in ("goal", "policy", "split", *MODES):
         table.add_column(col, justify="right")
     for goal in dict.fromkeys(r["goal"] for r in runs):
         mine = [r for r in runs if r["goal"] == goal]
-        for split in SPLITS:
-            table.add_row(goal, str(mine[0]["bc_episodes"]), split,
-                          *("  ".join(f"{r['bc_only'][split][mode]['all']:.2f}" for r in mine) for mode in MODES))
+        for which, label in (("untrained", "untrained"), ("bc_only", f"BC, {mine[0]['bc_episodes']} episodes")):
+            for split in SPLITS:
+                table.add_row(goal, label, split,
+                              *("  ".join(f"{r[which][split][mode]['all']:.2f}" for r in mine) for mode in MODES))
     console.print(table)
 
 

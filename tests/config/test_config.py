@@ -38,6 +38,14 @@ def test_yaml_file_then_overrides_override_wins(tmp_path):
     assert config.train.minibatches_per_step == 2  # default kept where neither sets it
 
 
+def test_an_override_of_a_mapping_sets_it_and_a_dotted_key_changes_one_entry(tmp_path):
+    path = write(tmp_path, "sim:\n  env: CartPole-v1\n  env_kwargs: {a: 1, b: 2}\n  eval_sets: {train: {split: train}}\n")
+    config = load_config(path, ["sim.eval_sets={}", "sim.env_kwargs={c: 3}", "sim.env_kwargs.d=4"])
+    assert config.sim.eval_sets == {}  # emptied, not merged with the file's
+    assert config.sim.env_kwargs == {"c": 3, "d": 4}
+    assert load_config(path, ["sim.env_kwargs.b=5"]).sim.env_kwargs == {"a": 1, "b": 5}
+
+
 def test_task_section_from_file_and_override(tmp_path):
     path = write(tmp_path, "task:\n  name: sorting\n  max_len: 4\n")
     config = load_config(path, ["task.min_len=2"])

@@ -284,15 +284,17 @@ def test_sampled_held_out_episodes_are_reproducible_and_differ_from_greedy_ones(
 
 @pytest.mark.slow
 def test_crossview_rl_lifts_the_cloned_policy_in_unseen_worlds_on_ray(tmp_path):
-    # the built-in config as a user runs it, shortened to 50 RL steps (of its 200)
-    proc = start([CROSSVIEW, "train.steps=50", "eval.every=0", "sim.eval_sets={}", "run_dir=run", "progress=false",
+    # the built-in config as a user runs it, shortened to 100 RL steps (of its 200; the learning rate anneals over them)
+    proc = start([CROSSVIEW, "train.steps=100", "eval.every=0", "sim.eval_sets={}", "run_dir=run", "progress=false",
                   "runtime.num_cpus=2"], cwd=tmp_path)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    # cloned from 50 planner episodes it solves some unseen tasks; 50 RL steps on training worlds add 10+ points
-    assert s["eval_success_initial"] < 0.05 and s["eval_success_after_bc"] > 0.15, s
-    assert s["eval_success_final"] > s["eval_success_after_bc"] + 0.1, s
+    # sampled actions: the untrained policy stumbles on 0.27 of unseen tasks; cloned from 50 planner episodes, 0.41
+    # (both fixed by the seed); RL on training worlds adds 20+ points (0.85-0.90 at step 100 in the benchmark)
+    assert s["eval_success_after_bc"] > s["eval_success_initial"] + 0.1, s
+    assert s["eval_success_final"] > s["eval_success_after_bc"] + 0.2, s
+    assert "eval_train_success_final" not in s  # sim.eval_sets={} emptied the config's sets
     final = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert all(final[f"eval/success/{kind}"] > 0.2 for kind in ("approach", "pickup", "toggle")), final
     assert (tmp_path / "run" / "model" / "policy_bc.pt").is_file() and s["backend"] == "ray"

@@ -135,7 +135,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if "=" not in item or not item.split("=", 1)[0]:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. train.lr=1e-4)")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            single = OmegaConf.from_dotlist([item])
+            key, text = item.split("=", 1)
+            if text.strip().startswith("{"):  # key={...} sets the mapping (e.g. {} empties it), not merged into it
+                OmegaConf.update(merged, key, OmegaConf.select(single, key), merge=False)
+            else:
+                merged = OmegaConf.merge(merged, single)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{item}' could not be applied: {e}") from None
     try:
