@@ -436,8 +436,9 @@ def _run(config: Config, spec: EnvSpec, checkpoint: Path | None, restarts: int, 
                 if sim.bc_steps:
                     progress.bc_seconds = behaviour_cloning(config, spec, trainer, tracker)
                     trainer.publish()
-                    save_policy(config, spec, workers.transport.latest(newer_than=-1), run_dir / "model" / "policy_bc.pt")
-                    after = evaluate_all(config, spec, workers.transport.latest(newer_than=-1))
+                    cloned = workers.transport.latest(newer_than=-1)
+                    save_policy(config, spec, cloned, run_dir / "model" / "policy_bc.pt")
+                    after = evaluate_all(config, spec, cloned)
                     progress.evals.append({"step": 0, "label": "after BC", **after})
                     tracker.log_eval(0, after["eval/success"], "after BC")
                     if sim.kl_coef > 0:
@@ -526,6 +527,7 @@ def run_summary(config: Config, progress: SimProgress, controller: Controller, r
     sim = config.sim
     assert sim is not None
     first, final = progress.evals[0] if progress.evals else {}, progress.evals[-1] if progress.evals else {}
+    after_bc = next((e for e in progress.evals if e.get("label") == "after BC"), {})
     first_step = resumed_from or 0
     pipeline = controller.pipeline_summary() if config.train.steps > first_step else {}
     return {
@@ -535,10 +537,9 @@ def run_summary(config: Config, progress: SimProgress, controller: Controller, r
         "eval_return_final": final.get("eval/return_mean"),
         "eval_success_initial": first.get("eval/success"),
         "eval_success_final": final.get("eval/success"),
-        "eval_success_after_bc": next((e["eval/success"] for e in progress.evals if e.get("label") == "after BC"), None),
+        "eval_success_after_bc": after_bc.get("eval/success"),
         **{f"eval_{name}_success_{when}": e.get(f"eval/{name}/success") for name in sim.eval_sets
-           for when, e in (("after_bc", next((e for e in progress.evals if e.get("label") == "after BC"), {})),
-                           ("final", final))},
+           for when, e in (("after_bc", after_bc), ("final", final))},
         "bc_seconds": progress.bc_seconds,
         "train_return_recent": sum(progress.recent) / len(progress.recent) if progress.recent else None,
         "target_return": sim.target_return,
